@@ -1,0 +1,22 @@
+"""lightning-actguard: see inside a network while it trains, and catch it when it stops learning."""
+
+from lightning_actguard._warnings import ActGuardWarning
+from lightning_actguard.activations import ActivationSpec, find_activation_layers, spec_for
+from lightning_actguard.callbacks import ActivationMonitor
+from lightning_actguard.collector import ActivationCollector
+from lightning_actguard.snapshot import ActivationSnapshot, LayerStats
+from lightning_actguard.summary import render_summary
+
+__all__ = [
+    "ActGuardWarning",
+    "ActivationCollector",
+    "ActivationMonitor",
+    "ActivationSnapshot",
+    "ActivationSpec",
+    "LayerStats",
+    "find_activation_layers",
+    "render_summary",
+    "spec_for",
+]
+
+__version__ = "0.1.0"

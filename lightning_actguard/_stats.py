@@ -1,0 +1,123 @@
+"""Reductions of one activation tensor to a few running totals, all on the tensor's device.
+
+The kernels are chosen for cost: comparisons that materialise boolean tensors are several
+times slower than a sum on a CPU, so counts are taken from ``sign`` with a sum and a dot
+product (for ``s = sign(v)``: ``sum(s)`` is #positive - #negative and ``dot(s, s)`` is
+#positive + #negative). Nothing here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_actguard.activations import ActivationSpec
+
+#: Order of an output's totals in :func:`output_totals`.
+OUTPUT_FIELDS = ("out_sum", "out_sumsq", "off", "saturated", "nonfinite")
+#: Order of an input's totals in :func:`input_totals`.
+INPUT_FIELDS = ("in_sum", "in_sumsq")
+
+
+def as_float(tensor: Tensor) -> Tensor:
+    """Detach and upcast half-precision tensors, so totals accumulate in float32."""
+    tensor = tensor.detach()
+    if tensor.dtype not in (torch.float32, torch.float64):
+        tensor = tensor.float()
+    return tensor.reshape(-1)
+
+
+def _sign_counts(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Return (#positive, #negative) of a flat tensor."""
+    signs = torch.sign(values)
+    balance = signs.sum()
+    nonzero = torch.dot(signs, signs)
+    return (nonzero + balance) / 2, (nonzero - balance) / 2
+
+
+def count_off(flat: Tensor, spec: ActivationSpec) -> Tensor:
+    """Count outputs that carry no signal: at or below a hard floor, or exactly zero."""
+    if spec.hard_floor:
+        above, _ = _sign_counts(flat - spec.floor if spec.floor else flat)
+        return flat.numel() - above
+    above, below = _sign_counts(flat)
+    return flat.numel() - above - below
+
+
+def count_saturated(flat: Tensor, bounds: tuple[float, float], eps: float) -> Tensor:
+    """Count outputs within ``eps`` of either bound."""
+    low, high = bounds
+    middle, half_width = (low + high) / 2, (high - low) / 2
+    _, inside = _sign_counts((flat - middle).abs_() - (half_width - eps))
+    return flat.numel() - inside
+
+
+def count_nonfinite(flat: Tensor) -> Tensor:
+    """Count NaN and infinite values (``x * 0`` is NaN exactly there)."""
+    return torch.nan_to_num(flat * 0, nan=1.0).sum()
+
+
+def output_totals(output: Tensor, spec: ActivationSpec, saturation_eps: float) -> Tensor:
+    """Totals of one activation output, in the order of :data:`OUTPUT_FIELDS`.
+
+    Example:
+        >>> from lightning_actguard.activations import ActivationSpec
+        >>> spec = ActivationSpec("relu", floor=0.0, hard_floor=True)
+        >>> output_totals(torch.tensor([0.0, 0.0, 1.0, 3.0]), spec, 0.01).tolist()
+        [4.0, 10.0, 2.0, 0.0, 0.0]
+    """
+    flat = as_float(output)
+    saturated = (
+        count_saturated(flat, spec.bounds, saturation_eps) if spec.bounds is not None else flat.new_zeros(())
+    )
+    totals = (flat.sum(), torch.dot(flat, flat), count_off(flat, spec), saturated, count_nonfinite(flat))
+    return torch.stack(totals).float()
+
+
+def input_totals(inputs: Tensor) -> Tensor:
+    """Sum and sum of squares of what flows into an activation."""
+    flat = as_float(inputs)
+    return torch.stack((flat.sum(), torch.dot(flat, flat))).float()
+
+
+def unit_reduce_dims(ndim: int, unit_dim: int | str) -> tuple[int, ...]:
+    """Dimensions to reduce away to get one value per unit.
+
+    With ``unit_dim="auto"`` a unit is the channel (dim 1) of outputs with four or more
+    dimensions (N, C, H, W, ...) and the last dimension otherwise ((N, F), (N, L, F)).
+    """
+    if ndim <= 1:
+        return ()
+    if unit_dim == "auto":
+        unit = 1 if ndim >= 4 else ndim - 1
+    else:
+        unit = int(unit_dim) % ndim
+    return tuple(dim for dim in range(ndim) if dim != unit)
+
+
+def unit_maxima(output: Tensor, reduce_dims: tuple[int, ...]) -> Tensor:
+    """The largest output of each unit in this batch, as float32."""
+    detached = output.detach()
+    maxima = detached.amax(dim=reduce_dims) if reduce_dims else detached
+    return maxima.reshape(-1).float()
+
+
+def histogram_edges(spec: ActivationSpec, device: torch.device | str = "cpu") -> Tensor:
+    """Fixed bucket edges for one activation's histograms.
+
+    64 even buckets between the bounds of a bounded activation; otherwise 0 and ±10^k for k
+    from -4 to 4, eight buckets a decade. Fixed, data-independent edges let the buckets be
+    counted on the device without first reading the minimum and maximum back to the host.
+    """
+    if spec.bounds is not None:
+        return torch.linspace(*spec.bounds, 65, device=device)
+    positive = torch.logspace(-4, 4, 65, device=device)
+    return torch.cat((-positive.flip(0), torch.zeros(1, device=device), positive))
+
+
+def histogram_counts(output: Tensor, edges: Tensor) -> Tensor:
+    """Counts per bucket ``(edges[i-1], edges[i]]``, with one last bucket above the top edge."""
+    flat = as_float(output)
+    index = torch.bucketize(flat, edges)
+    counts = torch.zeros(edges.numel() + 1, device=flat.device, dtype=torch.float32)
+    return counts.index_add_(0, index, torch.ones_like(flat, dtype=torch.float32))

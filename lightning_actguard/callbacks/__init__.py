@@ -1,0 +1,5 @@
+"""Lightning callbacks of lightning-actguard."""
+
+from lightning_actguard.callbacks.activation_monitor import ActivationMonitor
+
+__all__ = ["ActivationMonitor"]

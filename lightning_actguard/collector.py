@@ -1,0 +1,338 @@
+"""Forward hooks on activation layers that keep running totals on the device.
+
+The collector is plain PyTorch. Between :meth:`ActivationCollector.start_batch` and
+:meth:`ActivationCollector.end_batch` every call of a hooked layer adds its totals to a small
+per-layer buffer on the layer's device; :meth:`ActivationCollector.read` turns a window's
+buffers into :class:`~lightning_actguard.snapshot.LayerStats` with a single device-to-host
+transfer, however many layers there are.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_actguard import _stats
+from lightning_actguard._warnings import WarnOnce
+from lightning_actguard.activations import ActivationLayer, ActivationSpec
+from lightning_actguard.snapshot import Histogram, LayerStats, mean_and_std
+
+__all__ = ["ActivationCollector", "ReduceSum"]
+
+ReduceSum = Callable[[Tensor], Tensor]
+
+_FIELDS = (*_stats.OUTPUT_FIELDS, *_stats.INPUT_FIELDS)
+_OUT = slice(0, len(_stats.OUTPUT_FIELDS))
+_IN = slice(len(_stats.OUTPUT_FIELDS), len(_FIELDS))
+_HISTOGRAM_HEADER = 3  # count, sum, sum of squares before the bucket counts
+
+
+class _Site:
+    """Running totals of one call position of one activation module."""
+
+    def __init__(self, layer: ActivationLayer, call: int) -> None:
+        self.layer = layer
+        self.call = call
+        self.totals: Tensor | None = None
+        self.unit_max: Tensor | None = None
+        self.reduce_dims: dict[int, tuple[int, ...]] = {}
+        self.out_elements = 0
+        self.in_elements = 0
+        self.histogram: Tensor | None = None
+        self.edges: Tensor | None = None
+
+    def buffers(self, like: Tensor) -> Tensor:
+        if self.totals is None:
+            self.totals = torch.zeros(len(_FIELDS), device=like.device, dtype=torch.float32)
+        return self.totals
+
+    def reset(self) -> None:
+        if self.totals is not None:
+            self.totals.zero_()
+        if self.unit_max is not None:
+            self.unit_max.fill_(-torch.inf)
+        self.out_elements = self.in_elements = 0
+        self.histogram = None
+
+
+class ActivationCollector:
+    """Measures activation layers during the batches it is told to.
+
+    Args:
+        unit_dim: which dimension of an output indexes units. ``"auto"``: dim 1 for outputs with
+            four or more dimensions (convolutions), the last dimension otherwise. Give ``1``
+            for Conv1d-shaped ``(N, C, L)`` outputs.
+        saturation_eps: an output within this distance of a bound counts as saturated.
+        max_calls_per_module: a module called more often than this in one batch is measured
+            for its first ``max_calls_per_module`` calls only (with a warning).
+
+    Example:
+        >>> from lightning_actguard.activations import find_activation_layers
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+        >>> collector = ActivationCollector()
+        >>> collector.attach(find_activation_layers(model))
+        >>> collector.start_batch()
+        >>> _ = model(torch.randn(8, 3))
+        >>> collector.end_batch()
+        >>> [layer.units for layer in collector.read()]
+        [4]
+        >>> collector.detach()
+    """
+
+    def __init__(
+        self, *, unit_dim: int | str = "auto", saturation_eps: float = 0.01, max_calls_per_module: int = 8
+    ) -> None:
+        self.unit_dim = unit_dim
+        self.saturation_eps = saturation_eps
+        self.max_calls_per_module = max_calls_per_module
+        self.batches = 0
+        self._layers: dict[int, ActivationLayer] = {}
+        self._handles: list[RemovableHandle] = []
+        self._sites: dict[tuple[int, int], _Site] = {}
+        self._calls: dict[int, int] = {}
+        self._collecting = False
+        self._want_histograms = False
+        self._failed: set[int] = set()
+        self._warn = WarnOnce()
+
+    # ------------------------------------------------------------------ hooks
+
+    @property
+    def layers(self) -> list[ActivationLayer]:
+        """The hooked layers, in the order they were attached."""
+        return list(self._layers.values())
+
+    @property
+    def attached(self) -> bool:
+        """Whether any hook is in place."""
+        return bool(self._handles)
+
+    def attach(self, layers: Iterable[ActivationLayer]) -> None:
+        """Hook ``layers``; layers already hooked are skipped."""
+        for layer in layers:
+            key = id(layer.module)
+            if key in self._layers:
+                continue
+            self._layers[key] = layer
+            self._handles.append(layer.module.register_forward_pre_hook(self._before_forward))
+            self._handles.append(layer.module.register_forward_hook(self._after_forward))
+
+    def detach(self) -> None:
+        """Remove every hook; safe to call more than once."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._collecting = False
+
+    # ------------------------------------------------------------------ batches
+
+    def start_batch(self, histograms: bool = False) -> None:
+        """Start counting a training batch; with ``histograms`` also bucket its outputs."""
+        self._calls.clear()
+        self._collecting = True
+        self._want_histograms = histograms
+        self.batches += 1
+
+    def pause(self) -> None:
+        """Stop counting forwards (for example recomputations during backward)."""
+        self._collecting = False
+
+    def resume(self) -> None:
+        """Count forwards again after :meth:`pause`."""
+        self._collecting = True
+
+    def end_batch(self) -> None:
+        """Stop counting until the next :meth:`start_batch`."""
+        self._collecting = False
+        self._want_histograms = False
+
+    def _site(self, module: nn.Module, call: int) -> _Site | None:
+        key = id(module)
+        if call >= self.max_calls_per_module or key in self._failed:
+            if call == self.max_calls_per_module:
+                name = self._layers[key].name
+                self._warn(
+                    f"Activation layer {name!r} ran more than {self.max_calls_per_module} times in one batch; "
+                    "later calls are not measured. Raise `max_calls_per_module` to measure them."
+                )
+            return None
+        site = self._sites.get((key, call))
+        if site is None:
+            site = self._sites[(key, call)] = _Site(self._layers[key], call)
+        return site
+
+    def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self._collecting:
+            return
+        call = self._calls.get(id(module), 0)
+        self._calls[id(module)] = call + 1
+        site = self._site(module, call)
+        if site is None or not args or not isinstance(args[0], Tensor):
+            return
+        try:
+            inputs = args[0]
+            site.buffers(inputs)[_IN].add_(_stats.input_totals(inputs))
+            site.in_elements += inputs.numel()
+        except Exception as error:  # noqa: BLE001 - measuring must never break training
+            self._give_up(module, error)
+
+    def _after_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not self._collecting or not isinstance(output, Tensor):
+            return
+        site = self._site(module, self._calls.get(id(module), 1) - 1)
+        if site is None:
+            return
+        try:
+            self._measure_output(site, output)
+        except Exception as error:  # noqa: BLE001 - measuring must never break training
+            self._give_up(module, error)
+
+    def _measure_output(self, site: _Site, output: Tensor) -> None:
+        spec = site.layer.spec
+        site.buffers(output)[_OUT].add_(_stats.output_totals(output, spec, self.saturation_eps))
+        site.out_elements += output.numel()
+        dims = site.reduce_dims.get(output.dim())
+        if dims is None:
+            dims = site.reduce_dims[output.dim()] = _stats.unit_reduce_dims(output.dim(), self.unit_dim)
+        maxima = _stats.unit_maxima(output, dims)
+        if site.unit_max is None:
+            site.unit_max = torch.full_like(maxima, -torch.inf)
+        if maxima.shape == site.unit_max.shape:
+            torch.maximum(site.unit_max, maxima, out=site.unit_max)
+        else:
+            self._warn(
+                f"Activation layer {site.layer.name!r} changed its number of units from "
+                f"{site.unit_max.numel()} to {maxima.numel()}; its dead units are counted on the first shape only."
+            )
+        if self._want_histograms and site.histogram is None:
+            site.histogram = _histogram(site, output)
+
+    def _give_up(self, module: nn.Module, error: Exception) -> None:
+        self._failed.add(id(module))
+        self._warn(
+            f"Measuring activation layer {self._layers[id(module)].name!r} failed and is switched off for the "
+            f"rest of the run ({type(error).__name__}: {error}). Training is not affected."
+        )
+
+    # ------------------------------------------------------------------ read-back
+
+    def read(self, reduce_sum: ReduceSum | None = None) -> list[LayerStats]:
+        """Turn the window's totals into statistics and start a new window.
+
+        Every buffer goes into one flat tensor that is reduced once with ``reduce_sum`` (a sum
+        across processes under distributed training) and copied to the host once.
+
+        Args:
+            reduce_sum: sums a tensor across processes; ``None`` for a single process.
+
+        Returns:
+            One :class:`LayerStats` per layer call position that ran, in first-run order.
+        """
+        sites = [site for site in self._sites.values() if site.totals is not None and site.unit_max is not None]
+        if not sites:
+            return []
+        device = sites[0].totals.device  # type: ignore[union-attr]
+        flat = torch.cat(self._packed(sites, device))
+        if reduce_sum is not None:
+            flat = reduce_sum(flat)
+        stats = self._unpack(sites, flat.cpu())
+        for site in self._sites.values():
+            site.reset()
+        self.batches = 0
+        return stats
+
+    def _packed(self, sites: Sequence[_Site], device: torch.device) -> list[Tensor]:
+        counts = [float(n) for site in sites for n in (site.out_elements, site.in_elements)]
+        pieces = [site.totals.to(device) for site in sites]  # type: ignore[union-attr]
+        pieces.append(torch.tensor(counts, device=device, dtype=torch.float32))
+        pieces.extend((site.unit_max > site.layer.spec.floor).float().to(device) for site in sites)  # type: ignore[operator]
+        pieces.extend(site.histogram.to(device) for site in sites if site.histogram is not None)
+        return pieces
+
+    def _unpack(self, sites: Sequence[_Site], host: Tensor) -> list[LayerStats]:
+        calls_per_module = Counter(id(site.layer.module) for site in sites)
+        totals = host[: len(sites) * len(_FIELDS)].view(len(sites), len(_FIELDS)).tolist()
+        offset = len(sites) * len(_FIELDS)
+        counts = host[offset : offset + 2 * len(sites)].view(len(sites), 2).tolist()
+        offset += 2 * len(sites)
+        fired: list[Tensor] = []
+        for site in sites:
+            units = site.unit_max.numel()  # type: ignore[union-attr]
+            fired.append(host[offset : offset + units])
+            offset += units
+        stats = []
+        for site, row, (out_n, in_n), unit_fired in zip(sites, totals, counts, fired):
+            histogram = None
+            if site.histogram is not None:
+                width = site.histogram.numel()
+                histogram = _histogram_from(host[offset : offset + width], site.layer.spec)
+                offset += width
+            if out_n == 0:  # the layer did not run in this window (on any process)
+                continue
+            name = site.layer.name if calls_per_module[id(site.layer.module)] == 1 else f"{site.layer.name}[{site.call}]"
+            stats.append(_layer_stats(name, site, dict(zip(_FIELDS, row)), out_n, in_n, unit_fired, histogram))
+        return stats
+
+
+def _layer_stats(
+    name: str,
+    site: _Site,
+    totals: dict[str, float],
+    out_n: float,
+    in_n: float,
+    unit_fired: Tensor,
+    histogram: Histogram | None,
+) -> LayerStats:
+    out_mean, out_std = mean_and_std(totals["out_sum"], totals["out_sumsq"], out_n)
+    in_mean, in_std = mean_and_std(totals["in_sum"], totals["in_sumsq"], in_n)
+    dead = unit_fired == 0
+    units = dead.numel()
+    return LayerStats(
+        name=name,
+        kind=site.layer.spec.kind,
+        units=units,
+        dead_frac=dead.sum().item() / units if units else 0.0,
+        zero_frac=totals["off"] / out_n if out_n else 0.0,
+        saturated_frac=totals["saturated"] / out_n if out_n and site.layer.spec.bounds is not None else None,
+        out_mean=out_mean,
+        out_std=out_std,
+        in_mean=in_mean,
+        in_std=in_std,
+        nonfinite=round(totals["nonfinite"]),
+        dead_units=dead,
+        histogram=histogram,
+    )
+
+
+def _histogram(site: _Site, output: Tensor) -> Tensor:
+    """Count, sum, sum of squares and bucket counts of one output, packed in one tensor."""
+    if site.edges is None or site.edges.device != output.device:
+        site.edges = _stats.histogram_edges(site.layer.spec, output.device)
+    flat = _stats.as_float(output)
+    header = torch.stack((flat.new_tensor(float(flat.numel())), flat.sum(), torch.dot(flat, flat)))
+    return torch.cat((header.float(), _stats.histogram_counts(flat, site.edges)))
+
+
+def _histogram_from(packed: Tensor, spec: ActivationSpec) -> Histogram:
+    count, total, total_squares = packed[:_HISTOGRAM_HEADER].tolist()
+    counts = packed[_HISTOGRAM_HEADER:]
+    limits = torch.cat((_stats.histogram_edges(spec), torch.tensor([torch.finfo(torch.float32).max])))
+    nonempty = torch.nonzero(counts).flatten()
+    if nonempty.numel() == 0:
+        return Histogram(0.0, 0.0, count, total, total_squares, [], [])
+    first, last = int(nonempty[0]), int(nonempty[-1])
+    lower = float(limits[first - 1]) if first > 0 else float(limits[0])
+    return Histogram(
+        minimum=lower,
+        maximum=float(limits[last]),
+        count=count,
+        total=total,
+        total_squares=total_squares,
+        limits=limits[first : last + 1].tolist(),
+        counts=counts[first : last + 1].tolist(),
+    )
