@@ -3,31 +3,32 @@
 from __future__ import annotations
 
 import io
-import math
 
 from rich.console import Console
 from rich.table import Table
 
 from lightning_actguard.snapshot import ActivationSnapshot
 
-__all__ = ["render_summary", "summary_table"]
+__all__ = ["print_summary", "render_summary", "summary_table"]
+
+_MIN_WIDTH = 120
 
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _mean_std(mean: float, std: float) -> str:
-    if math.isnan(mean):
-        return "nan"
-    return f"{mean:+.3g} ± {std:.3g}"
+def _number(value: float) -> str:
+    return f"{value:.3g}"
 
 
 def summary_table(snapshot: ActivationSnapshot) -> Table:
     """One row per layer: dead units, zero and saturated shares, output and input statistics."""
     table = Table(title=f"Activations at step {snapshot.step} (last {snapshot.batches} batches)")
-    for column in ("layer", "kind", "units", "dead", "zero", "saturated", "output", "input", "non-finite"):
-        table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+    table.add_column("layer", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    for column in ("units", "dead", "zero", "saturated", "out mean", "out std", "in mean", "in std", "non-finite"):
+        table.add_column(column, justify="right", no_wrap=True)
     for layer in snapshot.layers.values():
         table.add_row(
             layer.name,
@@ -36,15 +37,24 @@ def summary_table(snapshot: ActivationSnapshot) -> Table:
             _percent(layer.dead_frac),
             _percent(layer.zero_frac),
             _percent(layer.saturated_frac),
-            _mean_std(layer.out_mean, layer.out_std),
-            _mean_std(layer.in_mean, layer.in_std),
+            _number(layer.out_mean),
+            _number(layer.out_std),
+            _number(layer.in_mean),
+            _number(layer.in_std),
             str(layer.nonfinite),
         )
     return table
 
 
-def render_summary(snapshot: ActivationSnapshot, width: int = 120) -> str:
+def print_summary(snapshot: ActivationSnapshot, console: Console | None = None) -> None:
+    """Print the table of :func:`summary_table`, at least 120 columns wide."""
+    console = console or Console()
+    console.width = max(console.width, _MIN_WIDTH)
+    console.print(summary_table(snapshot))
+
+
+def render_summary(snapshot: ActivationSnapshot) -> str:
     """The table of :func:`summary_table` as plain text."""
     buffer = io.StringIO()
-    Console(file=buffer, width=width, color_system=None).print(summary_table(snapshot))
+    print_summary(snapshot, Console(file=buffer, color_system=None))
     return buffer.getvalue()

@@ -9,7 +9,6 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
-from rich.console import Console
 from torch import Tensor
 from typing_extensions import override
 
@@ -19,7 +18,7 @@ from lightning_actguard.activations import ExtraTypes, LayerPredicate, validate_
 from lightning_actguard.callbacks import _loggers
 from lightning_actguard.engine import ActivationEngine, CollectorSettings, acquire
 from lightning_actguard.snapshot import ActivationSnapshot
-from lightning_actguard.summary import summary_table
+from lightning_actguard.summary import print_summary
 
 _DEFAULT_WINDOW = 50
 
@@ -198,7 +197,7 @@ class ActivationMonitor(Callback):
             if snapshot is not None:
                 _loggers.write_snapshot(trainer, snapshot, self.log_key_prefix, _compat.logger_step(trainer))
         if self.print_summary and self._engine.latest is not None and self._engine.latest.layers:
-            _print(summary_table(self._engine.latest))
+            rank_zero_only(print_summary)(self._engine.latest)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -219,11 +218,6 @@ def _reduce_sum(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
     if trainer.world_size <= 1:
         return None
     return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")
-
-
-@rank_zero_only
-def _print(renderable: object) -> None:
-    Console().print(renderable)
 
 
 def _check_positive(name: str, value: int | None, *, allow_none: bool = False) -> None:
