@@ -35,8 +35,8 @@ class ActivationSpec:
     Attributes:
         kind: lowercase name of the activation (``"relu"``, ``"sigmoid"``, ...).
         floor: a unit *fires* when its output is above ``floor``; a unit that never fires in a
-            window is dead. 0 for most activations, the lower bound for those with a hard one
-            (``Hardtanh.min_val``, ``ELU``'s ``-alpha``).
+            window is dead. The lowest output for activations bounded below (ReLU's 0, tanh's -1,
+            ``ELU``'s ``-alpha``); 0, "never positive", for the rest (LeakyReLU, GELU, SiLU...).
         hard_floor: True when outputs pile up exactly at ``floor`` (ReLU's zeros); the zero share
             then counts outputs at or below the floor. Otherwise it counts outputs exactly 0.
         bounds: ``(low, high)`` for activations bounded on both sides (sigmoid, tanh), whose
@@ -63,8 +63,9 @@ _STATIC_SPECS: dict[type[nn.Module], ActivationSpec] = {
     nn.Sigmoid: ActivationSpec("sigmoid", floor=0.0, hard_floor=True, bounds=(0.0, 1.0)),
     nn.Hardsigmoid: ActivationSpec("hardsigmoid", floor=0.0, hard_floor=True, bounds=(0.0, 1.0)),
     nn.Softplus: _relu_like("softplus"),
-    nn.Tanh: ActivationSpec("tanh", bounds=(-1.0, 1.0)),
-    nn.Softsign: ActivationSpec("softsign", bounds=(-1.0, 1.0)),
+    # A tanh unit that never rises above -1 is stuck, one that is merely negative is not.
+    nn.Tanh: ActivationSpec("tanh", floor=-1.0, bounds=(-1.0, 1.0)),
+    nn.Softsign: ActivationSpec("softsign", floor=-1.0, bounds=(-1.0, 1.0)),
     nn.LeakyReLU: _signed("leakyrelu"),
     nn.PReLU: _signed("prelu"),
     nn.RReLU: _signed("rrelu"),

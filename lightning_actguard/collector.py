@@ -326,10 +326,14 @@ def _histogram_from(packed: Tensor, spec: ActivationSpec) -> Histogram:
     if nonempty.numel() == 0:
         return Histogram(0.0, 0.0, count, total, total_squares, [], [])
     first, last = int(nonempty[0]), int(nonempty[-1])
-    lower = float(limits[first - 1]) if first > 0 else float(limits[0])
+    lowest, highest = float(limits[first - 1]) if first > 0 else float(limits[0]), float(limits[last])
+    if spec.hard_floor:
+        lowest = max(lowest, spec.floor)
+    if spec.bounds is not None:
+        lowest, highest = max(lowest, spec.bounds[0]), min(highest, spec.bounds[1])
     return Histogram(
-        minimum=lower,
-        maximum=float(limits[last]),
+        minimum=lowest,
+        maximum=highest,
         count=count,
         total=total,
         total_squares=total_squares,

@@ -24,7 +24,8 @@ def _number(value: float) -> str:
 
 def summary_table(snapshot: ActivationSnapshot) -> Table:
     """One row per layer: dead units, zero and saturated shares, output and input statistics."""
-    table = Table(title=f"Activations at step {snapshot.step} (last {snapshot.batches} batches)")
+    title = f"Activations over the last {snapshot.batches} training batches, to optimizer step {snapshot.step}"
+    table = Table(title=title)
     table.add_column("layer", no_wrap=True)
     table.add_column("kind", no_wrap=True)
     for column in ("units", "dead", "zero", "saturated", "out mean", "out std", "in mean", "in std", "non-finite"):

@@ -180,7 +180,7 @@ def test_prints_a_per_layer_summary_at_the_end(tmp_path, known_dead_model, capsy
     trainer.fit(known_dead_model)
 
     printed = capsys.readouterr().out
-    assert "Activations at step 7 (last 2 batches)" in printed
+    assert "Activations over the last 2 training batches, to optimizer step 7" in printed
     assert "features.1" in printed
     assert "50.0%" in printed
 

@@ -30,7 +30,7 @@ def test_every_torch_activation_is_known_or_deliberately_left_out():
         (nn.ReLU(), 0.0, True, None),
         (nn.ReLU6(), 0.0, True, (0.0, 6.0)),
         (nn.Sigmoid(), 0.0, True, (0.0, 1.0)),
-        (nn.Tanh(), 0.0, False, (-1.0, 1.0)),
+        (nn.Tanh(), -1.0, False, (-1.0, 1.0)),
         (nn.Hardtanh(-2.0, 3.0), -2.0, True, (-2.0, 3.0)),
         (nn.ELU(alpha=0.5), -0.5, True, None),
         (nn.Threshold(0.1, -7.0), -7.0, True, None),
