@@ -67,9 +67,7 @@ def output_totals(output: Tensor, spec: ActivationSpec, saturation_eps: float) -
         [4.0, 10.0, 2.0, 0.0, 0.0]
     """
     flat = as_float(output)
-    saturated = (
-        count_saturated(flat, spec.bounds, saturation_eps) if spec.bounds is not None else flat.new_zeros(())
-    )
+    saturated = count_saturated(flat, spec.bounds, saturation_eps) if spec.bounds is not None else flat.new_zeros(())
     totals = (flat.sum(), torch.dot(flat, flat), count_off(flat, spec), saturated, count_nonfinite(flat))
     return torch.stack(totals).float()
 
@@ -88,10 +86,7 @@ def unit_reduce_dims(ndim: int, unit_dim: int | str) -> tuple[int, ...]:
     """
     if ndim <= 1:
         return ()
-    if unit_dim == "auto":
-        unit = 1 if ndim >= 4 else ndim - 1
-    else:
-        unit = int(unit_dim) % ndim
+    unit = (1 if ndim >= 4 else ndim - 1) if unit_dim == "auto" else int(unit_dim) % ndim
     return tuple(dim for dim in range(ndim) if dim != unit)
 
 

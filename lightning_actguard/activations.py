@@ -11,21 +11,20 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 from torch import nn
 
 __all__ = [
+    "TORCH_ACTIVATIONS",
     "ActivationLayer",
     "ActivationSpec",
     "LayerPredicate",
-    "TORCH_ACTIVATIONS",
     "find_activation_layers",
     "spec_for",
 ]
 
 LayerPredicate = Callable[[str, nn.Module], bool]
-ExtraTypes = Union[Sequence[type[nn.Module]], Mapping[type[nn.Module], str]]
+ExtraTypes = Sequence[type[nn.Module]] | Mapping[type[nn.Module], str]
 
 
 @dataclass(frozen=True)
@@ -114,12 +113,14 @@ def _spec_from_parameters(module: nn.Module) -> ActivationSpec | None:
 
 def _kind_registry() -> dict[str, ActivationSpec]:
     by_kind = {spec.kind: spec for spec in _STATIC_SPECS.values()}
-    by_kind.update({
-        "hardtanh": ActivationSpec("hardtanh", floor=-1.0, hard_floor=True, bounds=(-1.0, 1.0)),
-        "elu": ActivationSpec("elu", floor=-1.0, hard_floor=True),
-        "celu": ActivationSpec("celu", floor=-1.0, hard_floor=True),
-        "selu": ActivationSpec("selu", floor=_SELU_FLOOR, hard_floor=True),
-    })
+    by_kind.update(
+        {
+            "hardtanh": ActivationSpec("hardtanh", floor=-1.0, hard_floor=True, bounds=(-1.0, 1.0)),
+            "elu": ActivationSpec("elu", floor=-1.0, hard_floor=True),
+            "celu": ActivationSpec("celu", floor=-1.0, hard_floor=True),
+            "selu": ActivationSpec("selu", floor=_SELU_FLOOR, hard_floor=True),
+        }
+    )
     return by_kind
 
 
@@ -181,9 +182,7 @@ def validate_extra_types(extra_types: ExtraTypes) -> dict[type[nn.Module], str |
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise ValueError(f"`extra_types` must hold nn.Module subclasses, got {cls!r}.")
         if kind is not None and kind not in KNOWN_KINDS:
-            raise ValueError(
-                f"`extra_types` maps {cls.__name__} to {kind!r}; allowed names are {sorted(KNOWN_KINDS)}."
-            )
+            raise ValueError(f"`extra_types` maps {cls.__name__} to {kind!r}; allowed names are {sorted(KNOWN_KINDS)}.")
         normalised[cls] = kind  # type: ignore[assignment]
     return normalised
 

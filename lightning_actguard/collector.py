@@ -178,7 +178,7 @@ class ActivationCollector:
             inputs = args[0]
             site.buffers(inputs)[_IN].add_(_stats.input_totals(inputs))
             site.in_elements += inputs.numel()
-        except Exception as error:  # noqa: BLE001 - measuring must never break training
+        except Exception as error:
             self._give_up(module, error)
 
     def _after_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -189,7 +189,7 @@ class ActivationCollector:
             return
         try:
             self._measure_output(site, output)
-        except Exception as error:  # noqa: BLE001 - measuring must never break training
+        except Exception as error:
             self._give_up(module, error)
 
     def _measure_output(self, site: _Site, output: Tensor) -> None:
@@ -255,28 +255,39 @@ class ActivationCollector:
         return pieces
 
     def _unpack(self, sites: Sequence[_Site], host: Tensor) -> list[LayerStats]:
+        take = _Reader(host)
+        totals = take(len(sites) * len(_FIELDS)).view(len(sites), len(_FIELDS)).tolist()
+        counts = take(2 * len(sites)).view(len(sites), 2).tolist()
+        fired = [take(site.unit_max.numel()) for site in sites]  # type: ignore[union-attr]
+        histograms = [
+            None if site.histogram is None else _histogram_from(take(site.histogram.numel()), site.layer.spec)
+            for site in sites
+        ]
         calls_per_module = Counter(id(site.layer.module) for site in sites)
-        totals = host[: len(sites) * len(_FIELDS)].view(len(sites), len(_FIELDS)).tolist()
-        offset = len(sites) * len(_FIELDS)
-        counts = host[offset : offset + 2 * len(sites)].view(len(sites), 2).tolist()
-        offset += 2 * len(sites)
-        fired: list[Tensor] = []
-        for site in sites:
-            units = site.unit_max.numel()  # type: ignore[union-attr]
-            fired.append(host[offset : offset + units])
-            offset += units
         stats = []
-        for site, row, (out_n, in_n), unit_fired in zip(sites, totals, counts, fired):
-            histogram = None
-            if site.histogram is not None:
-                width = site.histogram.numel()
-                histogram = _histogram_from(host[offset : offset + width], site.layer.spec)
-                offset += width
+        for site, row, (out_n, in_n), unit_fired, histogram in zip(
+            sites, totals, counts, fired, histograms, strict=True
+        ):
             if out_n == 0:  # the layer did not run in this window (on any process)
                 continue
-            name = site.layer.name if calls_per_module[id(site.layer.module)] == 1 else f"{site.layer.name}[{site.call}]"
-            stats.append(_layer_stats(name, site, dict(zip(_FIELDS, row)), out_n, in_n, unit_fired, histogram))
+            name = site.layer.name
+            if calls_per_module[id(site.layer.module)] > 1:
+                name = f"{name}[{site.call}]"
+            totals_by_field = dict(zip(_FIELDS, row, strict=True))
+            stats.append(_layer_stats(name, site, totals_by_field, out_n, in_n, unit_fired, histogram))
         return stats
+
+
+class _Reader:
+    """Hands out consecutive slices of a flat tensor."""
+
+    def __init__(self, flat: Tensor) -> None:
+        self.flat, self.offset = flat, 0
+
+    def __call__(self, length: int) -> Tensor:
+        piece = self.flat[self.offset : self.offset + length]
+        self.offset += length
+        return piece
 
 
 def _layer_stats(

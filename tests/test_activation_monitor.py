@@ -68,7 +68,7 @@ def test_histograms_are_written_at_their_own_interval(tmp_path, known_dead_model
     # One batch of 8 samples x 6 units: half the outputs are 0, half are 1.
     value = histograms[0].histogram_value
     assert (value.num, value.sum) == (48, 24)
-    assert dict(zip(value.bucket_limit, value.bucket)) == {0.0: 24, 1.0: 24} | {
+    assert dict(zip(value.bucket_limit, value.bucket, strict=True)) == {0.0: 24, 1.0: 24} | {
         limit: 0 for limit in value.bucket_limit if limit not in (0.0, 1.0)
     }
 
@@ -141,7 +141,8 @@ def test_only_training_batches_enter_the_window(tmp_path):
     trainer.fit(TrainsOnNegativesValidatesOnPositives())
     trainer.validate(trainer.lightning_module, verbose=False)
 
-    assert trainer.sanity_checking is False and trainer.num_sanity_val_steps == 2
+    assert trainer.sanity_checking is False
+    assert trainer.num_sanity_val_steps == 2
     assert monitor.snapshot.layers["act"].dead_frac == 1.0
     assert monitor.snapshot.batches == 5
 
@@ -152,7 +153,11 @@ class CountHooks(pl.Callback):
 
 
 def test_callbacks_share_one_set_of_hooks_and_remove_it_after_fit(tmp_path, known_dead_model):
-    first, second, counter = ActivationMonitor(print_summary=False), ActivationMonitor(log_key_prefix="b_"), CountHooks()
+    first, second, counter = (
+        ActivationMonitor(print_summary=False),
+        ActivationMonitor(log_key_prefix="b_"),
+        CountHooks(),
+    )
     trainer = tiny_trainer(tmp_path, logger=False, callbacks=[first, second, counter])
     trainer.fit(known_dead_model)
 

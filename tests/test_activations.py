@@ -68,7 +68,10 @@ class Block(nn.Module):
 
 def test_finds_torch_activations_under_qualified_names():
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
-    assert [(layer.name, layer.spec.kind) for layer in find_activation_layers(model)] == [("1", "relu"), ("2.1", "tanh")]
+    assert [(layer.name, layer.spec.kind) for layer in find_activation_layers(model)] == [
+        ("1", "relu"),
+        ("2.1", "tanh"),
+    ]
 
 
 def test_custom_classes_by_type_with_a_kind():

@@ -27,8 +27,7 @@ def custom_scalars_layout(prefix: str, category: str = "activations") -> dict[st
     """A TensorBoard custom-scalars layout: one chart per statistic, every layer a line on it."""
     return {
         category: {
-            _CHART_TITLES[statistic]: ["Multiline", [f"^{re.escape(prefix + statistic)}/"]]
-            for statistic in STATISTICS
+            _CHART_TITLES[statistic]: ["Multiline", [f"^{re.escape(prefix + statistic)}/"]] for statistic in STATISTICS
         }
     }
 

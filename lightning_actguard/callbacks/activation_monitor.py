@@ -103,7 +103,9 @@ class ActivationMonitor(Callback):
             try:
                 re.compile(name_pattern)
             except re.error as error:
-                raise ValueError(f"`name_pattern` must be a regular expression, got {name_pattern!r}: {error}.") from None
+                raise ValueError(
+                    f"`name_pattern` must be a regular expression, got {name_pattern!r}: {error}."
+                ) from None
         if predicate is not None and not callable(predicate):
             raise ValueError(f"`predicate` must be callable as predicate(name, module), got {predicate!r}.")
         if not (unit_dim == "auto" or (isinstance(unit_dim, int) and not isinstance(unit_dim, bool))):
@@ -164,7 +166,9 @@ class ActivationMonitor(Callback):
         _loggers.write_layout(trainer, self.log_key_prefix)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._engine is not None:
             self._engine.start_batch((trainer.current_epoch, batch_idx))
 

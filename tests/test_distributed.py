@@ -1,0 +1,75 @@
+"""Two CPU processes (gloo) whose batches differ: the logged numbers must be the reduced ones."""
+
+import csv
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import tiny_trainer
+from pytorch_lightning.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_actguard import ActivationMonitor
+
+
+def rank_inputs(rank, samples=16):
+    """Unit 0 never fires, unit 2 always does, unit 1 fires on rank 1 only.
+
+    Rank 0 alone would see two dead units of three; across both ranks one is dead.
+    """
+    inputs = torch.ones(samples, 3)
+    inputs[:, 0] = -1.0
+    inputs[:, 1] = 1.0 if rank == 1 else -1.0
+    return inputs
+
+
+class ReluOnInputs(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()
+        self.head = nn.Linear(3, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.head(self.act(batch[0])).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(rank_inputs(self.global_rank)), batch_size=4)
+
+
+class RecordPerRank(pl.Callback):
+    def __init__(self, monitor, directory):
+        self.monitor, self.directory = monitor, directory
+
+    def on_train_end(self, trainer, pl_module):
+        layer = self.monitor.snapshot.layers["act"]
+        record = {"dead_units": layer.dead_units.tolist(), "zero_frac": layer.zero_frac}
+        (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def test_statistics_are_reduced_across_ranks_before_logging(tmp_path):
+    monitor = ActivationMonitor(print_summary=False)
+    logger = CSVLogger(tmp_path, name="ddp")
+    trainer = tiny_trainer(
+        tmp_path,
+        strategy="ddp_spawn",
+        devices=2,
+        max_steps=4,
+        log_every_n_steps=2,
+        use_distributed_sampler=False,
+        logger=logger,
+        callbacks=[monitor, RecordPerRank(monitor, tmp_path)],
+    )
+    trainer.fit(ReluOnInputs())
+
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert records[0] == records[1]
+    assert records[0]["dead_units"] == [True, False, False]
+    assert records[0]["zero_frac"] == pytest.approx(1 / 3 + 1 / 6)  # unit 0 everywhere, unit 1 on one rank of two
+    with open(tmp_path / "ddp" / "version_0" / "metrics.csv") as file:
+        logged = [float(row["act_dead_frac/act"]) for row in csv.DictReader(file) if row.get("act_dead_frac/act")]
+    assert logged == pytest.approx([1 / 3, 1 / 3])
