@@ -54,7 +54,7 @@ def count_saturated(flat: Tensor, bounds: tuple[float, float], eps: float) -> Te
 
 def count_nonfinite(flat: Tensor) -> Tensor:
     """Count NaN and infinite values (``x * 0`` is NaN exactly there)."""
-    return torch.nan_to_num(flat * 0, nan=1.0).sum()
+    return (flat * 0).nan_to_num_(nan=1.0).sum()
 
 
 def output_totals(output: Tensor, spec: ActivationSpec, saturation_eps: float) -> Tensor:

@@ -29,7 +29,7 @@ ReduceSum = Callable[[Tensor], Tensor]
 _FIELDS = (*_stats.OUTPUT_FIELDS, *_stats.INPUT_FIELDS)
 _OUT = slice(0, len(_stats.OUTPUT_FIELDS))
 _IN = slice(len(_stats.OUTPUT_FIELDS), len(_FIELDS))
-_HISTOGRAM_HEADER = 3  # count, sum, sum of squares before the bucket counts
+_HISTOGRAM_HEADER = 2  # sum and sum of squares before the bucket counts
 
 
 class _Site:
@@ -321,17 +321,18 @@ def _layer_stats(
 
 
 def _histogram(site: _Site, output: Tensor) -> Tensor:
-    """Count, sum, sum of squares and bucket counts of one output, packed in one tensor."""
+    """Sum, sum of squares and bucket counts of one output, packed in one tensor."""
     if site.edges is None or site.edges.device != output.device:
         site.edges = _stats.histogram_edges(site.layer.spec, output.device)
     flat = _stats.as_float(output)
-    header = torch.stack((flat.new_tensor(float(flat.numel())), flat.sum(), torch.dot(flat, flat)))
-    return torch.cat((header.float(), _stats.histogram_counts(flat, site.edges)))
+    header = torch.stack((flat.sum(), torch.dot(flat, flat))).float()
+    return torch.cat((header, _stats.histogram_counts(flat, site.edges)))
 
 
 def _histogram_from(packed: Tensor, spec: ActivationSpec) -> Histogram:
-    count, total, total_squares = packed[:_HISTOGRAM_HEADER].tolist()
+    total, total_squares = packed[:_HISTOGRAM_HEADER].tolist()
     counts = packed[_HISTOGRAM_HEADER:]
+    count = float(counts.sum())
     limits = torch.cat((_stats.histogram_edges(spec), torch.tensor([torch.finfo(torch.float32).max])))
     nonempty = torch.nonzero(counts).flatten()
     if nonempty.numel() == 0:
