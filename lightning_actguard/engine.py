@@ -38,7 +38,7 @@ class ActivationEngine:
     """The hooks, windows and latest snapshot of one model. Create it with :func:`acquire`."""
 
     def __init__(self, model: nn.Module, settings: CollectorSettings, reduce_sum: ReduceSum | None) -> None:
-        self.model = model
+        self._model = weakref.ref(model)
         self.settings = settings
         self.reduce_sum = reduce_sum
         self.collector = ActivationCollector(
@@ -65,8 +65,9 @@ class ActivationEngine:
         self._consumers.pop(id(consumer), None)
         if not self._consumers:
             self.collector.detach()
-            if _ENGINES.get(self.model) is self:
-                del _ENGINES[self.model]
+            model = self._model()
+            if model is not None and _ENGINES.get(model) is self:
+                del _ENGINES[model]
 
     def start_batch(self, batch: Hashable) -> None:
         """Start counting training batch ``batch``; repeated calls for the same batch are ignored."""

@@ -141,10 +141,16 @@ def test_only_training_batches_enter_the_window(tmp_path):
     trainer.fit(TrainsOnNegativesValidatesOnPositives())
     trainer.validate(trainer.lightning_module, verbose=False)
 
-    assert trainer.sanity_checking is False
-    assert trainer.num_sanity_val_steps == 2
     assert monitor.snapshot.layers["act"].dead_frac == 1.0
     assert monitor.snapshot.batches == 5
+
+
+def test_windows_count_optimizer_steps_under_gradient_accumulation(tmp_path, known_dead_model):
+    monitor = ActivationMonitor(every_n_steps=2, print_summary=False)
+    trainer = tiny_trainer(tmp_path, logger=False, callbacks=[monitor], max_steps=4, accumulate_grad_batches=2)
+    trainer.fit(known_dead_model)
+
+    assert (monitor.snapshot.step, monitor.snapshot.batches) == (4, 4)  # 2 steps of 2 batches
 
 
 class CountHooks(pl.Callback):
