@@ -4,16 +4,16 @@ from lightning_actguard._warnings import ActGuardWarning
 from lightning_actguard.activations import ActivationSpec, find_activation_layers, spec_for
 from lightning_actguard.callbacks import ActivationMonitor
 from lightning_actguard.collector import ActivationCollector
-from lightning_actguard.snapshot import ActivationSnapshot, LayerStats
+from lightning_actguard.snapshot import ActivationStats, WindowSnapshot
 from lightning_actguard.summary import render_summary
 
 __all__ = [
     "ActGuardWarning",
     "ActivationCollector",
     "ActivationMonitor",
-    "ActivationSnapshot",
     "ActivationSpec",
-    "LayerStats",
+    "ActivationStats",
+    "WindowSnapshot",
     "find_activation_layers",
     "render_summary",
     "spec_for",

@@ -3,14 +3,14 @@
 The collector is plain PyTorch. Between :meth:`ActivationCollector.start_batch` and
 :meth:`ActivationCollector.end_batch` every call of a hooked layer adds its totals to a small
 per-layer buffer on the layer's device; :meth:`ActivationCollector.read` turns a window's
-buffers into :class:`~lightning_actguard.snapshot.LayerStats` with a single device-to-host
+buffers into :class:`~lightning_actguard.snapshot.ActivationStats` with a single device-to-host
 transfer, however many layers there are.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -18,13 +18,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_actguard import _stats
+from lightning_actguard._packing import FlatReader, ReduceSum
 from lightning_actguard._warnings import WarnOnce
 from lightning_actguard.activations import ActivationLayer, ActivationSpec
-from lightning_actguard.snapshot import Histogram, LayerStats, mean_and_std
+from lightning_actguard.snapshot import ActivationStats, Histogram, mean_and_std
 
-__all__ = ["ActivationCollector", "ReduceSum"]
-
-ReduceSum = Callable[[Tensor], Tensor]
+__all__ = ["ActivationCollector"]
 
 _FIELDS = (*_stats.OUTPUT_FIELDS, *_stats.INPUT_FIELDS)
 _OUT = slice(0, len(_stats.OUTPUT_FIELDS))
@@ -99,6 +98,7 @@ class ActivationCollector:
         self._want_histograms = False
         self._failed: set[int] = set()
         self._warn = WarnOnce()
+        self._packed_sites: list[_Site] = []
 
     # ------------------------------------------------------------------ hooks
 
@@ -221,7 +221,7 @@ class ActivationCollector:
 
     # ------------------------------------------------------------------ read-back
 
-    def read(self, reduce_sum: ReduceSum | None = None) -> list[LayerStats]:
+    def read(self, reduce_sum: ReduceSum | None = None) -> list[ActivationStats]:
         """Turn the window's totals into statistics and start a new window.
 
         Every buffer goes into one flat tensor that is reduced once with ``reduce_sum`` (a sum
@@ -231,31 +231,42 @@ class ActivationCollector:
             reduce_sum: sums a tensor across processes; ``None`` for a single process.
 
         Returns:
-            One :class:`LayerStats` per layer call position that ran, in first-run order.
+            One :class:`ActivationStats` per layer call position that ran, in first-run order.
         """
-        sites = [site for site in self._sites.values() if site.totals is not None and site.unit_max is not None]
-        if not sites:
+        pieces = self.pack()
+        if not pieces:
             return []
-        device = sites[0].totals.device  # type: ignore[union-attr]
-        flat = torch.cat(self._packed(sites, device))
+        flat = torch.cat([piece.to(pieces[0].device) for piece in pieces])
         if reduce_sum is not None:
             flat = reduce_sum(flat)
-        stats = self._unpack(sites, flat.cpu())
+        stats = self.unpack(FlatReader(flat.cpu()))
+        self.reset()
+        return stats
+
+    def pack(self) -> list[Tensor]:
+        """The window's buffers as flat device tensors, in the order :meth:`unpack` reads them."""
+        self._packed_sites = [site for site in self._sites.values() if site.totals is not None]
+        self._packed_sites = [site for site in self._packed_sites if site.unit_max is not None]
+        return self._packed(self._packed_sites) if self._packed_sites else []
+
+    def reset(self) -> None:
+        """Start a new window."""
         for site in self._sites.values():
             site.reset()
         self.batches = 0
-        return stats
 
-    def _packed(self, sites: Sequence[_Site], device: torch.device) -> list[Tensor]:
+    def _packed(self, sites: Sequence[_Site]) -> list[Tensor]:
+        device = sites[0].totals.device  # type: ignore[union-attr]
         counts = [float(n) for site in sites for n in (site.out_elements, site.in_elements)]
-        pieces = [site.totals.to(device) for site in sites]  # type: ignore[union-attr]
+        pieces = [site.totals for site in sites]
         pieces.append(torch.tensor(counts, device=device, dtype=torch.float32))
-        pieces.extend((site.unit_max > site.layer.spec.floor).float().to(device) for site in sites)  # type: ignore[operator]
-        pieces.extend(site.histogram.to(device) for site in sites if site.histogram is not None)
-        return pieces
+        pieces.extend((site.unit_max > site.layer.spec.floor).float() for site in sites)  # type: ignore[operator]
+        pieces.extend(site.histogram for site in sites if site.histogram is not None)
+        return pieces  # type: ignore[return-value]
 
-    def _unpack(self, sites: Sequence[_Site], host: Tensor) -> list[LayerStats]:
-        take = _Reader(host)
+    def unpack(self, take: FlatReader) -> list[ActivationStats]:
+        """Statistics from the reduced values of the last :meth:`pack`, read with ``take``."""
+        sites = self._packed_sites
         totals = take(len(sites) * len(_FIELDS)).view(len(sites), len(_FIELDS)).tolist()
         counts = take(2 * len(sites)).view(len(sites), 2).tolist()
         fired = [take(site.unit_max.numel()) for site in sites]  # type: ignore[union-attr]
@@ -278,18 +289,6 @@ class ActivationCollector:
         return stats
 
 
-class _Reader:
-    """Hands out consecutive slices of a flat tensor."""
-
-    def __init__(self, flat: Tensor) -> None:
-        self.flat, self.offset = flat, 0
-
-    def __call__(self, length: int) -> Tensor:
-        piece = self.flat[self.offset : self.offset + length]
-        self.offset += length
-        return piece
-
-
 def _layer_stats(
     name: str,
     site: _Site,
@@ -298,12 +297,12 @@ def _layer_stats(
     in_n: float,
     unit_fired: Tensor,
     histogram: Histogram | None,
-) -> LayerStats:
+) -> ActivationStats:
     out_mean, out_std = mean_and_std(totals["out_sum"], totals["out_sumsq"], out_n)
     in_mean, in_std = mean_and_std(totals["in_sum"], totals["in_sumsq"], in_n)
     dead = unit_fired == 0
     units = dead.numel()
-    return LayerStats(
+    return ActivationStats(
         name=name,
         kind=site.layer.spec.kind,
         units=units,

@@ -1,83 +1,155 @@
-"""One collector per model, shared by every callback that needs activation statistics.
+"""One measuring engine per model, shared by every callback that needs its numbers.
 
-Several callbacks (a monitor, guards) may ask for the same numbers. They all
-:func:`acquire` the model's :class:`ActivationEngine`, so the model carries one set of hooks
-and each window is read back once; the hooks go when the last of them calls
-:meth:`ActivationEngine.release`. The engine also decides when a window closes: at every
-optimizer step that is a multiple of ``every_n_steps``.
+Several callbacks (monitors, guards) may ask for the same statistics. They all :func:`acquire`
+the model's :class:`Engine`, so the model carries one set of hooks and each window is read back
+once: activation and gradient buffers go into one flat tensor, one reduction across processes,
+one copy to the host. The hooks go when the last callback calls :meth:`Engine.release`. The
+engine also decides when a window closes: at every optimizer step that is a multiple of
+``every_n_steps``.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Hashable
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from lightning_actguard.activations import ExtraTypes, LayerPredicate, find_activation_layers
-from lightning_actguard.collector import ActivationCollector, ReduceSum
-from lightning_actguard.snapshot import ActivationSnapshot
+from lightning_actguard._packing import FlatReader, ReduceSum
+from lightning_actguard.activations import ActivationLayer
+from lightning_actguard.collector import ActivationCollector
+from lightning_actguard.gradients import GradientCollector, GradientThresholds
+from lightning_actguard.snapshot import WindowSnapshot
 
-__all__ = ["ActivationEngine", "CollectorSettings", "acquire", "engine_for"]
+__all__ = ["ActivationSettings", "Engine", "GradientSettings", "acquire", "engine_for"]
 
-_ENGINES: weakref.WeakKeyDictionary[nn.Module, ActivationEngine] = weakref.WeakKeyDictionary()
+_ENGINES: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
-class CollectorSettings:
-    """What every consumer of one model's engine must agree on."""
+class ActivationSettings:
+    """What every consumer of a model's activation statistics must agree on."""
 
-    every_n_steps: int
     unit_dim: int | str = "auto"
     saturation_eps: float = 0.01
     max_calls_per_module: int = 8
 
 
-class ActivationEngine:
+@dataclass(frozen=True)
+class GradientSettings:
+    """What every consumer of a model's gradient statistics must agree on."""
+
+    thresholds: GradientThresholds = field(default_factory=GradientThresholds)
+    update_ratio: bool = True
+
+
+class Engine:
     """The hooks, windows and latest snapshot of one model. Create it with :func:`acquire`."""
 
-    def __init__(self, model: nn.Module, settings: CollectorSettings, reduce_sum: ReduceSum | None) -> None:
+    def __init__(self, model: nn.Module, every_n_steps: int, reduce_sum: ReduceSum | None, world_size: int) -> None:
         self._model = weakref.ref(model)
-        self.settings = settings
+        self.every_n_steps = every_n_steps
         self.reduce_sum = reduce_sum
-        self.collector = ActivationCollector(
-            unit_dim=settings.unit_dim,
-            saturation_eps=settings.saturation_eps,
-            max_calls_per_module=settings.max_calls_per_module,
-        )
-        self.latest: ActivationSnapshot | None = None
+        self.world_size = world_size
+        self.activations: ActivationCollector | None = None
+        self.gradients: GradientCollector | None = None
+        self.latest: WindowSnapshot | None = None
         self.histogram_every_n_windows: int | None = None
+        self._settings: dict[str, tuple[object, str]] = {}
         self._consumers: dict[int, str] = {}
         self._batch: Hashable | None = None
         self._ended: Hashable | None = None
-        self._ended_with: ActivationSnapshot | None = None
+        self._ended_with: WindowSnapshot | None = None
+        self._last_optimizer_step: Hashable | None = None
         self._last_closed_step = -1
         self._windows = 0
+        self._batches = 0
 
     @property
     def consumers(self) -> list[str]:
         """Names of the callbacks sharing this engine."""
         return list(self._consumers.values())
 
-    def release(self, consumer: object) -> None:
-        """Drop ``consumer``; the last one out removes the hooks. Safe to call twice."""
-        self._consumers.pop(id(consumer), None)
-        if not self._consumers:
-            self.collector.detach()
+    def _agree(self, kind: str, settings: object, consumer: object) -> None:
+        agreed = self._settings.setdefault(kind, (settings, type(consumer).__name__))
+        if agreed[0] != settings:
+            raise ValueError(
+                f"{type(consumer).__name__} asks for {settings}, but {agreed[1]} already measures this model "
+                f"with {agreed[0]}. Give them the same settings."
+            )
+
+    def use_activations(
+        self, consumer: object, settings: ActivationSettings, layers: Iterable[ActivationLayer]
+    ) -> None:
+        """Measure ``layers`` too (the union of every consumer's layers is measured)."""
+        self._agree("activations", settings, consumer)
+        if self.activations is None:
+            self.activations = ActivationCollector(
+                unit_dim=settings.unit_dim,
+                saturation_eps=settings.saturation_eps,
+                max_calls_per_module=settings.max_calls_per_module,
+            )
+        self.activations.attach(layers)
+
+    def use_gradients(self, consumer: object, settings: GradientSettings, *, sharded: bool = False) -> None:
+        """Measure gradients of the model's trainable parameters at every optimizer step."""
+        self._agree("gradients", settings, consumer)
+        if self.gradients is None:
             model = self._model()
-            if model is not None and _ENGINES.get(model) is self:
-                del _ENGINES[model]
+            if model is None:
+                return
+            self.gradients = GradientCollector(
+                model, thresholds=settings.thresholds, update_ratio=settings.update_ratio, sharded=sharded
+            )
+
+    def release(self, consumer: object) -> None:
+        """Drop ``consumer``; the last one out removes every hook. Safe to call twice."""
+        self._consumers.pop(id(consumer), None)
+        if self._consumers:
+            return
+        if self.activations is not None:
+            self.activations.detach()
+        if self.gradients is not None:
+            self.gradients.detach()
+        model = self._model()
+        if model is not None and _ENGINES.get(model) is self:
+            del _ENGINES[model]
+
+    # ------------------------------------------------------------------ the training loop
 
     def start_batch(self, batch: Hashable) -> None:
         """Start counting training batch ``batch``; repeated calls for the same batch are ignored."""
         if batch == self._batch:
             return
         self._batch = batch
-        every = self.histogram_every_n_windows
-        self.collector.start_batch(histograms=every is not None and (self._windows + 1) % every == 0)
+        self._batches += 1
+        if self.activations is not None:
+            every = self.histogram_every_n_windows
+            self.activations.start_batch(histograms=every is not None and (self._windows + 1) % every == 0)
 
-    def end_batch(self, batch: Hashable, step: int) -> ActivationSnapshot | None:
+    def pause(self) -> None:
+        """Stop counting forwards until :meth:`resume` (backward recomputations)."""
+        if self.activations is not None:
+            self.activations.pause()
+
+    def resume(self) -> None:
+        """Count forwards again."""
+        if self.activations is not None:
+            self.activations.resume()
+
+    def before_optimizer_step(
+        self, step: Hashable, optimizer: torch.optim.Optimizer, grad_scale: Tensor | None, scaler: bool
+    ) -> None:
+        """Measure the gradients ``optimizer`` is about to apply, once per ``step`` and optimizer."""
+        key = (step, id(optimizer))
+        if self.gradients is None or key == self._last_optimizer_step:
+            return
+        self._last_optimizer_step = key
+        self.gradients.before_step(optimizer, grad_scale=grad_scale, scaler=scaler)
+
+    def end_batch(self, batch: Hashable, step: int) -> WindowSnapshot | None:
         """Finish ``batch`` at optimizer step ``step``.
 
         Returns:
@@ -86,59 +158,82 @@ class ActivationEngine:
         """
         if batch == self._ended:
             return self._ended_with
-        self.collector.end_batch()
+        if self.activations is not None:
+            self.activations.end_batch()
         self._ended, self._ended_with = batch, None
-        if step != self._last_closed_step and step > 0 and step % self.settings.every_n_steps == 0:
+        if step != self._last_closed_step and step > 0 and step % self.every_n_steps == 0:
             self._ended_with = self.close_window(step)
         return self._ended_with
 
-    def close_window(self, step: int) -> ActivationSnapshot | None:
-        """Read the current window now (for instance at the end of training), if it holds batches."""
-        batches = self.collector.batches
-        if batches == 0 and self.reduce_sum is None:
-            return None
+    def flush(self, step: int) -> WindowSnapshot | None:
+        """Close a partly filled window at the end of training, once however many callers ask.
+
+        Returns:
+            The snapshot of the partial window, or ``None`` when no batch was counted since the
+            last window closed.
+        """
+        if ("flush", step) == self._ended:
+            return self._ended_with
+        self._ended, self._ended_with = ("flush", step), None
+        if self._batches:
+            self._ended_with = self.close_window(step)
+        return self._ended_with
+
+    def close_window(self, step: int) -> WindowSnapshot:
+        """Read the current window now: one reduction, one copy to the host, for everything measured."""
+        sources = [source for source in (self.activations, self.gradients) if source is not None]
+        pieces = [source.pack() for source in sources]
+        flat_pieces = [piece for group in pieces for piece in group]
+        activations, gradients = [], None
+        if flat_pieces:
+            device = flat_pieces[0].device
+            flat = torch.cat([piece.to(device) for piece in flat_pieces])
+            if self.reduce_sum is not None:
+                flat = self.reduce_sum(flat)
+            take = FlatReader(flat.cpu())
+            if self.activations is not None:
+                activations = self.activations.unpack(take) if pieces[0] else []
+            if self.gradients is not None:
+                gradients = self.gradients.unpack(take, self.world_size) if pieces[-1] else None
+        for source in sources:
+            source.reset()
+        self.latest = WindowSnapshot(
+            step=step,
+            batches=self._batches,
+            activations={layer.name: layer for layer in activations},
+            gradients=gradients,
+        )
         self._last_closed_step = step
         self._windows += 1
-        self.latest = ActivationSnapshot(
-            step=step,
-            batches=batches,
-            layers={layer.name: layer for layer in self.collector.read(self.reduce_sum)},
-        )
+        self._batches = 0
         return self.latest
 
 
 def acquire(
     model: nn.Module,
     consumer: object,
-    settings: CollectorSettings,
     *,
+    every_n_steps: int,
     reduce_sum: ReduceSum | None = None,
-    extra_types: ExtraTypes = (),
-    name_pattern: str | None = None,
-    predicate: LayerPredicate | None = None,
-) -> ActivationEngine:
-    """Join (or create) ``model``'s engine and hook the layers ``consumer`` selects.
-
-    The layers hooked are the union of what every consumer selects.
+    world_size: int = 1,
+) -> Engine:
+    """Join (or create) ``model``'s engine as ``consumer``.
 
     Raises:
-        ValueError: ``settings`` differ from those of a consumer already attached.
+        ValueError: ``every_n_steps`` differs from the window of a consumer already attached.
     """
     engine = _ENGINES.get(model)
     if engine is None:
-        engine = _ENGINES[model] = ActivationEngine(model, settings, reduce_sum)
-    elif engine.settings != settings:
+        engine = _ENGINES[model] = Engine(model, every_n_steps, reduce_sum, world_size)
+    elif engine.every_n_steps != every_n_steps:
         raise ValueError(
-            f"{type(consumer).__name__} asks for {settings}, but {', '.join(engine.consumers)} already "
-            f"collects activations of this model with {engine.settings}. Give them the same settings."
+            f"{type(consumer).__name__} asks for windows of {every_n_steps} steps, but {', '.join(engine.consumers)} "
+            f"already measures this model every {engine.every_n_steps} steps. Give them the same `every_n_steps`."
         )
     engine._consumers[id(consumer)] = type(consumer).__name__
-    engine.collector.attach(
-        find_activation_layers(model, extra_types=extra_types, name_pattern=name_pattern, predicate=predicate)
-    )
     return engine
 
 
-def engine_for(model: nn.Module) -> ActivationEngine | None:
+def engine_for(model: nn.Module) -> Engine | None:
     """The engine attached to ``model``, if any."""
     return _ENGINES.get(model)

@@ -6,13 +6,20 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
-__all__ = ["STATISTICS", "ActivationSnapshot", "Histogram", "LayerStats"]
+__all__ = [
+    "ACTIVATION_STATISTICS",
+    "GRADIENT_STATISTICS",
+    "ActivationStats",
+    "GradientLayerStats",
+    "GradientStats",
+    "Histogram",
+    "WindowSnapshot",
+]
 
 #: Logged statistic -> what it means. Keys are ``<prefix><statistic>/<layer>``.
-STATISTICS: dict[str, str] = {
+ACTIVATION_STATISTICS: dict[str, str] = {
     "act_dead_frac": "share of units that never fired (never rose above the floor) in the window",
     "act_zero_frac": "share of outputs at or below a hard floor (ReLU's zeros), else exactly zero",
     "act_saturated_frac": "share of outputs within saturation_eps of a bound (bounded activations only)",
@@ -42,7 +49,7 @@ class Histogram:
 
 
 @dataclass(frozen=True)
-class LayerStats:
+class ActivationStats:
     """One activation layer over one window.
 
     Attributes:
@@ -77,7 +84,7 @@ class LayerStats:
     histogram: Histogram | None = field(default=None, repr=False)
 
     def metrics(self) -> Iterator[tuple[str, float]]:
-        """Yield ``(statistic, value)`` pairs in the order of :data:`STATISTICS`."""
+        """Yield ``(statistic, value)`` pairs in the order of :data:`ACTIVATION_STATISTICS`."""
         yield "act_dead_frac", self.dead_frac
         yield "act_zero_frac", self.zero_frac
         if self.saturated_frac is not None:
@@ -90,24 +97,104 @@ class LayerStats:
 
 
 @dataclass(frozen=True)
-class ActivationSnapshot:
-    """Statistics of every monitored layer over one window of training batches.
+class GradientLayerStats:
+    """The gradients of one layer (a module's own parameters) over one window.
+
+    Attributes:
+        name: qualified name of the module that owns the parameters.
+        norm: root mean square over the window's optimizer steps of the layer's gradient norm
+            (the norm of all its parameters' gradients together), after unscaling.
+        nonfinite_steps: optimizer steps at which the layer's gradient held a NaN or infinity.
+        update_ratio: ``|W_after - W_before| / |W_before|`` across one real optimizer step (the
+            window's first), ``None`` when not measured. About 1e-3 is the usual healthy order.
+    """
+
+    name: str
+    norm: float
+    nonfinite_steps: int
+    update_ratio: float | None
+
+
+@dataclass(frozen=True)
+class GradientStats:
+    """Gradient flow of a whole model over one window.
+
+    Attributes:
+        layers: per-layer statistics, in registration (depth) order.
+        total_norm: root mean square over the window's steps of the global gradient norm.
+        steps: optimizer steps measured (finite gradients, not skipped).
+        skipped_steps: steps a gradient scaler skipped because of non-finite gradients.
+        nonfinite_steps: steps with non-finite gradients that were not skipped.
+        depth_ratio: norm of the first weight layer over the norm of the last; ``None`` with
+            fewer than two weight layers.
+        vanishing: the depth ratio is below its threshold, or most weight layers' norms are
+            below the absolute floor.
+        exploding: the total norm is above its bound, a non-finite gradient reached an
+            optimizer, or a gradient scaler skipped every step of the window.
+        diagnosis: the flags in plain words; empty when healthy.
+    """
+
+    layers: dict[str, GradientLayerStats]
+    total_norm: float
+    steps: int
+    skipped_steps: int
+    nonfinite_steps: int
+    depth_ratio: float | None
+    vanishing: bool
+    exploding: bool
+    diagnosis: str = ""
+
+    def to_metrics(self, prefix: str = "") -> dict[str, float]:
+        """Flatten to logger keys (see :data:`GRADIENT_STATISTICS`)."""
+        metrics: dict[str, float] = {}
+        for name, layer in self.layers.items():
+            metrics[f"{prefix}grad_norm/{name}"] = layer.norm
+            metrics[f"{prefix}grad_nonfinite/{name}"] = float(layer.nonfinite_steps)
+            if layer.update_ratio is not None:
+                metrics[f"{prefix}grad_update_ratio/{name}"] = layer.update_ratio
+        metrics[f"{prefix}grad_norm_total"] = self.total_norm
+        if self.depth_ratio is not None:
+            metrics[f"{prefix}grad_depth_ratio"] = self.depth_ratio
+        metrics[f"{prefix}grad_vanishing"] = float(self.vanishing)
+        metrics[f"{prefix}grad_exploding"] = float(self.exploding)
+        metrics[f"{prefix}grad_skipped_steps"] = float(self.skipped_steps)
+        return metrics
+
+
+#: Logged gradient statistic -> what it means.
+GRADIENT_STATISTICS: dict[str, str] = {
+    "grad_norm": "RMS over the window's steps of each layer's gradient norm",
+    "grad_update_ratio": "|change of the weights| / |weights| across one optimizer step",
+    "grad_nonfinite": "optimizer steps at which the layer's gradient held a NaN or infinity",
+    "grad_norm_total": "RMS over the window's steps of the global gradient norm",
+    "grad_depth_ratio": "gradient norm of the first weight layer / of the last",
+    "grad_vanishing": "1 when gradients have vanished (see GradientStats.vanishing), else 0",
+    "grad_exploding": "1 when gradients have exploded (see GradientStats.exploding), else 0",
+    "grad_skipped_steps": "optimizer steps a gradient scaler skipped for non-finite gradients",
+}
+
+
+@dataclass(frozen=True)
+class WindowSnapshot:
+    """Everything measured over one window of training batches.
 
     Attributes:
         step: the optimizer step that closed the window.
         batches: training batches in the window (on this rank).
-        layers: per-layer statistics, in the order the layers first ran.
+        activations: per-layer activation statistics, in the order the layers first ran.
+        gradients: gradient statistics, when a gradient consumer is attached.
     """
 
     step: int
     batches: int
-    layers: dict[str, LayerStats]
+    activations: dict[str, ActivationStats]
+    gradients: GradientStats | None = None
 
-    def to_metrics(self, prefix: str = "") -> dict[str, float]:
-        """Flatten to ``{"<prefix><statistic>/<layer>": value}`` for a logger."""
+    def activation_metrics(self, prefix: str = "") -> dict[str, float]:
+        """Flatten activations to ``{"<prefix><statistic>/<layer>": value}`` for a logger."""
         return {
             f"{prefix}{statistic}/{name}": value
-            for name, layer in self.layers.items()
+            for name, layer in self.activations.items()
             for statistic, value in layer.metrics()
         }
 
@@ -119,8 +206,3 @@ def mean_and_std(total: float, total_squares: float, count: float) -> tuple[floa
     mean = total / count
     variance = total_squares / count - mean * mean
     return mean, math.sqrt(max(variance, 0.0)) if math.isfinite(variance) else math.nan
-
-
-def empty_mask() -> Tensor:
-    """A mask over zero units."""
-    return torch.zeros(0, dtype=torch.bool)

@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 from rich.table import Table
 
-from lightning_actguard.snapshot import ActivationSnapshot
+from lightning_actguard.snapshot import WindowSnapshot
 
 __all__ = ["print_summary", "render_summary", "summary_table"]
 
@@ -22,7 +22,7 @@ def _number(value: float) -> str:
     return f"{value:.3g}"
 
 
-def summary_table(snapshot: ActivationSnapshot) -> Table:
+def summary_table(snapshot: WindowSnapshot) -> Table:
     """One row per layer: dead units, zero and saturated shares, output and input statistics."""
     title = f"Activations over the last {snapshot.batches} training batches, to optimizer step {snapshot.step}"
     table = Table(title=title)
@@ -30,7 +30,7 @@ def summary_table(snapshot: ActivationSnapshot) -> Table:
     table.add_column("kind", no_wrap=True)
     for column in ("units", "dead", "zero", "saturated", "out mean", "out std", "in mean", "in std", "non-finite"):
         table.add_column(column, justify="right", no_wrap=True)
-    for layer in snapshot.layers.values():
+    for layer in snapshot.activations.values():
         table.add_row(
             layer.name,
             layer.kind,
@@ -47,14 +47,14 @@ def summary_table(snapshot: ActivationSnapshot) -> Table:
     return table
 
 
-def print_summary(snapshot: ActivationSnapshot, console: Console | None = None) -> None:
+def print_summary(snapshot: WindowSnapshot, console: Console | None = None) -> None:
     """Print the table of :func:`summary_table`, at least 120 columns wide."""
     console = console or Console()
     console.width = max(console.width, _MIN_WIDTH)
     console.print(summary_table(snapshot))
 
 
-def render_summary(snapshot: ActivationSnapshot) -> str:
+def render_summary(snapshot: WindowSnapshot) -> str:
     """The table of :func:`summary_table` as plain text."""
     buffer = io.StringIO()
     print_summary(snapshot, Console(file=buffer, color_system=None))

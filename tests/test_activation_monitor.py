@@ -96,7 +96,7 @@ def test_without_a_logger_statistics_are_still_collected(tmp_path, known_dead_mo
 
     snapshot = monitor.snapshot
     assert (snapshot.step, snapshot.batches) == (12, 4)
-    assert snapshot.layers["features.1"].dead_units.tolist() == [False, True] * 3
+    assert snapshot.activations["features.1"].dead_units.tolist() == [False, True] * 3
 
 
 def test_bf16_mixed_precision(tmp_path, known_dead_model):
@@ -104,9 +104,9 @@ def test_bf16_mixed_precision(tmp_path, known_dead_model):
     trainer = tiny_trainer(tmp_path, logger=False, callbacks=[monitor], precision="bf16-mixed", max_steps=5)
     trainer.fit(known_dead_model)
 
-    layer = monitor.snapshot.layers["features.1"]
+    layer = monitor.snapshot.activations["features.1"]
     assert (layer.dead_frac, layer.zero_frac, layer.out_mean) == (0.5, 0.5, 0.5)
-    assert monitor.snapshot.layers["squash"].saturated_frac == 1.0
+    assert monitor.snapshot.activations["squash"].saturated_frac == 1.0
 
 
 class TrainsOnNegativesValidatesOnPositives(pl.LightningModule):
@@ -141,7 +141,7 @@ def test_only_training_batches_enter_the_window(tmp_path):
     trainer.fit(TrainsOnNegativesValidatesOnPositives())
     trainer.validate(trainer.lightning_module, verbose=False)
 
-    assert monitor.snapshot.layers["act"].dead_frac == 1.0
+    assert monitor.snapshot.activations["act"].dead_frac == 1.0
     assert monitor.snapshot.batches == 5
 
 

@@ -46,7 +46,7 @@ class RecordPerRank(pl.Callback):
         self.monitor, self.directory = monitor, directory
 
     def on_train_end(self, trainer, pl_module):
-        layer = self.monitor.snapshot.layers["act"]
+        layer = self.monitor.snapshot.activations["act"]
         record = {"dead_units": layer.dead_units.tolist(), "zero_frac": layer.zero_frac}
         (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 

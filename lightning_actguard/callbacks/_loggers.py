@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from lightning_actguard.snapshot import STATISTICS, ActivationSnapshot
+from lightning_actguard.snapshot import ACTIVATION_STATISTICS, WindowSnapshot
 
 _CHART_TITLES = {
     "act_dead_frac": "dead unit fraction",
@@ -27,7 +27,8 @@ def custom_scalars_layout(prefix: str, category: str = "activations") -> dict[st
     """A TensorBoard custom-scalars layout: one chart per statistic, every layer a line on it."""
     return {
         category: {
-            _CHART_TITLES[statistic]: ["Multiline", [f"^{re.escape(prefix + statistic)}/"]] for statistic in STATISTICS
+            _CHART_TITLES[statistic]: ["Multiline", [f"^{re.escape(prefix + statistic)}/"]]
+            for statistic in ACTIVATION_STATISTICS
         }
     }
 
@@ -37,20 +38,20 @@ def _tensorboard_loggers(loggers: Iterable[pl.loggers.Logger]) -> list[TensorBoa
 
 
 @rank_zero_only
-def write_layout(trainer: pl.Trainer, prefix: str) -> None:
+def write_activation_layout(trainer: pl.Trainer, prefix: str) -> None:
     """Add the custom-scalars layout to every TensorBoard logger of ``trainer``."""
     for logger in _tensorboard_loggers(trainer.loggers):
         logger.experiment.add_custom_scalars(custom_scalars_layout(prefix))
 
 
 @rank_zero_only
-def write_snapshot(trainer: pl.Trainer, snapshot: ActivationSnapshot, prefix: str, step: int) -> None:
+def write_activations(trainer: pl.Trainer, snapshot: WindowSnapshot, prefix: str, step: int) -> None:
     """Log a snapshot's scalars to every logger and its histograms to TensorBoard."""
-    metrics = snapshot.to_metrics(prefix)
+    metrics = snapshot.activation_metrics(prefix)
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
     for logger in _tensorboard_loggers(trainer.loggers):
-        for name, layer in snapshot.layers.items():
+        for name, layer in snapshot.activations.items():
             histogram = layer.histogram
             if histogram is None or not histogram.counts:
                 continue

@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_actguard import _compat
 from lightning_actguard._warnings import ActGuardWarning
-from lightning_actguard.activations import ExtraTypes, LayerPredicate, validate_extra_types
+from lightning_actguard.activations import ExtraTypes, LayerPredicate, find_activation_layers, validate_extra_types
 from lightning_actguard.callbacks import _loggers
-from lightning_actguard.engine import ActivationEngine, CollectorSettings, acquire
-from lightning_actguard.snapshot import ActivationSnapshot
+from lightning_actguard.callbacks._engine_callback import EngineCallback, check_positive_int
+from lightning_actguard.engine import ActivationSettings, Engine
+from lightning_actguard.snapshot import WindowSnapshot
 from lightning_actguard.summary import print_summary
 
 _DEFAULT_WINDOW = 50
 
 
-class ActivationMonitor(Callback):
+class ActivationMonitor(EngineCallback):
     r"""Measures every activation layer on every training batch and logs one summary per window.
 
     Statistics are accumulated on the model's device inside forward hooks and read back once
@@ -95,9 +92,9 @@ class ActivationMonitor(Callback):
         log_key_prefix: str = "",
         print_summary: bool = True,
     ) -> None:
-        _check_positive("every_n_steps", every_n_steps, allow_none=True)
-        _check_positive("max_calls_per_module", max_calls_per_module)
-        _check_positive("histogram_every_n_steps", histogram_every_n_steps, allow_none=True)
+        super().__init__(every_n_steps)
+        check_positive_int("max_calls_per_module", max_calls_per_module)
+        check_positive_int("histogram_every_n_steps", histogram_every_n_steps, allow_none=True)
         validate_extra_types(extra_types)
         if name_pattern is not None:
             try:
@@ -112,7 +109,6 @@ class ActivationMonitor(Callback):
             raise ValueError(f"`unit_dim` must be 'auto' or an int, got {unit_dim!r}.")
         if not 0 < saturation_eps < 0.5:
             raise ValueError(f"`saturation_eps` must be in (0, 0.5), got {saturation_eps!r}.")
-        self.every_n_steps = every_n_steps
         self.extra_types = extra_types
         self.name_pattern = name_pattern
         self.predicate = predicate
@@ -122,37 +118,24 @@ class ActivationMonitor(Callback):
         self.histogram_every_n_steps = histogram_every_n_steps
         self.log_key_prefix = log_key_prefix
         self.print_summary = print_summary
-        self._engine: ActivationEngine | None = None
-        self._last_snapshot: ActivationSnapshot | None = None
-
-    @property
-    def snapshot(self) -> ActivationSnapshot | None:
-        """Statistics of the last completed window, or ``None`` before the first one."""
-        return self._engine.latest if self._engine is not None else self._last_snapshot
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        window = self.every_n_steps or trainer.log_every_n_steps or _DEFAULT_WINDOW
+    def configure_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, engine: Engine) -> None:
+        window = self.window_length(trainer)
         if self.histogram_every_n_steps is not None and self.histogram_every_n_steps % window:
             raise ValueError(
                 f"`histogram_every_n_steps` must be a multiple of the logging window ({window} steps), "
                 f"got {self.histogram_every_n_steps}."
             )
-        settings = CollectorSettings(window, self.unit_dim, self.saturation_eps, self.max_calls_per_module)
-        self._engine = acquire(
-            pl_module,
-            self,
-            settings,
-            reduce_sum=_reduce_sum(trainer),
-            extra_types=self.extra_types,
-            name_pattern=self.name_pattern,
-            predicate=self.predicate,
+        layers = find_activation_layers(
+            pl_module, extra_types=self.extra_types, name_pattern=self.name_pattern, predicate=self.predicate
+        )
+        engine.use_activations(
+            self, ActivationSettings(self.unit_dim, self.saturation_eps, self.max_calls_per_module), layers
         )
         if self.histogram_every_n_steps is not None:
-            self._engine.histogram_every_n_windows = self.histogram_every_n_steps // window
-        if not self._engine.collector.layers:
+            engine.histogram_every_n_windows = self.histogram_every_n_steps // window
+        if not layers:
             pl.utilities.rank_zero_warn(
                 f"ActivationMonitor found no activation layers in {type(pl_module).__name__}. It looks for "
                 "torch.nn activation modules (ReLU, GELU, Sigmoid, Tanh, ...); activations applied as functions "
@@ -163,70 +146,16 @@ class ActivationMonitor(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _loggers.write_layout(trainer, self.log_key_prefix)
+        super().on_fit_start(trainer, pl_module)
+        _loggers.write_activation_layout(trainer, self.log_key_prefix)
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self._engine is not None:
-            self._engine.start_batch((trainer.current_epoch, batch_idx))
-
-    @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if self._engine is not None:
-            self._engine.collector.pause()
-
-    @override
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._engine is not None:
-            self._engine.collector.resume()
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._engine is None:
-            return
-        snapshot = self._engine.end_batch((trainer.current_epoch, batch_idx), trainer.global_step)
-        if snapshot is not None:
-            _loggers.write_snapshot(trainer, snapshot, self.log_key_prefix, _compat.logger_step(trainer))
+    def on_window(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: WindowSnapshot) -> None:
+        _loggers.write_activations(trainer, snapshot, self.log_key_prefix, _compat.logger_step(trainer))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._engine is None:
-            return
-        if self._engine.collector.batches:
-            snapshot = self._engine.close_window(trainer.global_step)
-            if snapshot is not None:
-                _loggers.write_snapshot(trainer, snapshot, self.log_key_prefix, _compat.logger_step(trainer))
-        if self.print_summary and self._engine.latest is not None and self._engine.latest.layers:
-            rank_zero_only(print_summary)(self._engine.latest)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._release()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        if self._engine is not None:
-            self._last_snapshot = self._engine.latest
-            self._engine.release(self)
-            self._engine = None
-
-
-def _reduce_sum(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
-    if trainer.world_size <= 1:
-        return None
-    return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")
-
-
-def _check_positive(name: str, value: int | None, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        allowed = "a positive int or None" if allow_none else "a positive int"
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+        super().on_train_end(trainer, pl_module)
+        latest = self.snapshot
+        if self.print_summary and latest is not None and latest.activations:
+            rank_zero_only(print_summary)(latest)

@@ -1,0 +1,151 @@
+"""The base of every callback that reads the model's shared measuring engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_actguard import _compat
+from lightning_actguard.engine import Engine, acquire
+from lightning_actguard.snapshot import WindowSnapshot
+
+_DEFAULT_WINDOW = 50
+
+
+class EngineCallback(Callback):
+    """Joins the model's :class:`~lightning_actguard.engine.Engine` for the length of ``fit``.
+
+    It forwards the training loop's events to the engine (which counts each event once however
+    many callbacks forward it) and calls :meth:`on_window` with every window's snapshot.
+    Subclasses say what they need measured in :meth:`configure_engine`.
+
+    Args:
+        every_n_steps: window length in optimizer steps; ``None`` uses the trainer's
+            ``log_every_n_steps``.
+    """
+
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        check_positive_int("every_n_steps", every_n_steps, allow_none=True)
+        self.every_n_steps = every_n_steps
+        self._engine: Engine | None = None
+        self._last_snapshot: WindowSnapshot | None = None
+
+    @property
+    def snapshot(self) -> WindowSnapshot | None:
+        """Statistics of the last completed window, or ``None`` before the first one."""
+        return self._engine.latest if self._engine is not None else self._last_snapshot
+
+    def window_length(self, trainer: pl.Trainer) -> int:
+        """The window in optimizer steps this callback uses with ``trainer``."""
+        return self.every_n_steps or trainer.log_every_n_steps or _DEFAULT_WINDOW
+
+    def configure_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, engine: Engine) -> None:
+        """Ask ``engine`` to measure what this callback needs."""
+
+    def on_window(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: WindowSnapshot) -> None:
+        """Called on every rank with the reduced statistics of each window that closes."""
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        reduce_sum = None
+        if trainer.world_size > 1:
+            reduce_sum = _strategy_sum(trainer)
+        self._engine = acquire(
+            pl_module,
+            self,
+            every_n_steps=self.window_length(trainer),
+            reduce_sum=reduce_sum,
+            world_size=trainer.world_size,
+        )
+        try:
+            self.configure_engine(trainer, pl_module, self._engine)
+        except BaseException:
+            self._release()
+            raise
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._engine is not None and self._engine.gradients is not None:
+            self._engine.gradients.attach(trainer.optimizers)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._engine is not None:
+            self._engine.start_batch((trainer.current_epoch, batch_idx))
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self._engine is not None:
+            self._engine.pause()
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._engine is not None:
+            self._engine.resume()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if self._engine is not None:
+            self._engine.before_optimizer_step(
+                (trainer.current_epoch, trainer.global_step),
+                optimizer,
+                grad_scale=_compat.pending_grad_scale(trainer, optimizer),
+                scaler=_compat.grad_scaler(trainer) is not None,
+            )
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._engine is None:
+            return
+        snapshot = self._engine.end_batch((trainer.current_epoch, batch_idx), trainer.global_step)
+        if snapshot is not None:
+            self.on_window(trainer, pl_module, snapshot)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._engine is None:
+            return
+        snapshot = self._engine.flush(trainer.global_step)
+        if snapshot is not None:
+            self.on_window(trainer, pl_module, snapshot)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._engine is not None:
+            self._last_snapshot = self._engine.latest
+            self._engine.release(self)
+            self._engine = None
+
+
+def _strategy_sum(trainer: pl.Trainer) -> Callable[[Tensor], Tensor]:
+    return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")
+
+
+def check_positive_int(name: str, value: int | None, *, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a positive int (or an allowed None)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        allowed = "a positive int or None" if allow_none else "a positive int"
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
