@@ -2,9 +2,10 @@
 
 from lightning_actguard._warnings import ActGuardWarning
 from lightning_actguard.activations import ActivationSpec, find_activation_layers, spec_for
-from lightning_actguard.callbacks import ActivationMonitor
+from lightning_actguard.callbacks import ActivationMonitor, GradientMonitor
 from lightning_actguard.collector import ActivationCollector
-from lightning_actguard.snapshot import ActivationStats, WindowSnapshot
+from lightning_actguard.gradients import GradientCollector, GradientThresholds
+from lightning_actguard.snapshot import ActivationStats, GradientLayerStats, GradientStats, WindowSnapshot
 from lightning_actguard.summary import render_summary
 
 __all__ = [
@@ -13,6 +14,11 @@ __all__ = [
     "ActivationMonitor",
     "ActivationSpec",
     "ActivationStats",
+    "GradientCollector",
+    "GradientLayerStats",
+    "GradientMonitor",
+    "GradientStats",
+    "GradientThresholds",
     "WindowSnapshot",
     "find_activation_layers",
     "render_summary",

@@ -21,14 +21,13 @@ from lightning_actguard import _stats
 from lightning_actguard._packing import FlatReader, ReduceSum
 from lightning_actguard._warnings import WarnOnce
 from lightning_actguard.activations import ActivationLayer, ActivationSpec
-from lightning_actguard.snapshot import ActivationStats, Histogram, mean_and_std
+from lightning_actguard.snapshot import ActivationStats, Histogram, histogram_from_packed, mean_and_std
 
 __all__ = ["ActivationCollector"]
 
 _FIELDS = (*_stats.OUTPUT_FIELDS, *_stats.INPUT_FIELDS)
 _OUT = slice(0, len(_stats.OUTPUT_FIELDS))
 _IN = slice(len(_stats.OUTPUT_FIELDS), len(_FIELDS))
-_HISTOGRAM_HEADER = 2  # sum and sum of squares before the bucket counts
 
 
 class _Site:
@@ -271,7 +270,7 @@ class ActivationCollector:
         counts = take(2 * len(sites)).view(len(sites), 2).tolist()
         fired = [take(site.unit_max.numel()) for site in sites]  # type: ignore[union-attr]
         histograms = [
-            None if site.histogram is None else _histogram_from(take(site.histogram.numel()), site.layer.spec)
+            None if site.histogram is None else histogram_from_packed(take(site.histogram.numel()), site.layer.spec)
             for site in sites
         ]
         calls_per_module = Counter(id(site.layer.module) for site in sites)
@@ -326,28 +325,3 @@ def _histogram(site: _Site, output: Tensor) -> Tensor:
     flat = _stats.as_float(output)
     header = torch.stack((flat.sum(), torch.dot(flat, flat))).float()
     return torch.cat((header, _stats.histogram_counts(flat, site.edges)))
-
-
-def _histogram_from(packed: Tensor, spec: ActivationSpec) -> Histogram:
-    total, total_squares = packed[:_HISTOGRAM_HEADER].tolist()
-    counts = packed[_HISTOGRAM_HEADER:]
-    count = float(counts.sum())
-    limits = torch.cat((_stats.histogram_edges(spec), torch.tensor([torch.finfo(torch.float32).max])))
-    nonempty = torch.nonzero(counts).flatten()
-    if nonempty.numel() == 0:
-        return Histogram(0.0, 0.0, count, total, total_squares, [], [])
-    first, last = int(nonempty[0]), int(nonempty[-1])
-    lowest, highest = float(limits[first - 1]) if first > 0 else float(limits[0]), float(limits[last])
-    if spec.hard_floor:
-        lowest = max(lowest, spec.floor)
-    if spec.bounds is not None:
-        lowest, highest = max(lowest, spec.bounds[0]), min(highest, spec.bounds[1])
-    return Histogram(
-        minimum=lowest,
-        maximum=highest,
-        count=count,
-        total=total,
-        total_squares=total_squares,
-        limits=limits[first : last + 1].tolist(),
-        counts=counts[first : last + 1].tolist(),
-    )

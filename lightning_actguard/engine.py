@@ -51,12 +51,13 @@ class Engine:
     def __init__(self, model: nn.Module, every_n_steps: int, reduce_sum: ReduceSum | None, world_size: int) -> None:
         self._model = weakref.ref(model)
         self.every_n_steps = every_n_steps
+        self.window_explicit = True
         self.reduce_sum = reduce_sum
         self.world_size = world_size
         self.activations: ActivationCollector | None = None
         self.gradients: GradientCollector | None = None
         self.latest: WindowSnapshot | None = None
-        self.histogram_every_n_windows: int | None = None
+        self.histogram_every_n_steps: int | None = None
         self._settings: dict[str, tuple[object, str]] = {}
         self._consumers: dict[int, str] = {}
         self._batch: Hashable | None = None
@@ -66,6 +67,7 @@ class Engine:
         self._last_closed_step = -1
         self._windows = 0
         self._batches = 0
+        self._histogram_window = False
 
     @property
     def consumers(self) -> list[str]:
@@ -104,6 +106,12 @@ class Engine:
                 model, thresholds=settings.thresholds, update_ratio=settings.update_ratio, sharded=sharded
             )
 
+    def use_histograms(self, consumer: object, every_n_steps: int) -> None:
+        """Bucket activations and gradients on the first batch of each window that closes at a multiple of
+        ``every_n_steps``."""
+        self._agree("histograms", every_n_steps, consumer)
+        self.histogram_every_n_steps = every_n_steps
+
     def release(self, consumer: object) -> None:
         """Drop ``consumer``; the last one out removes every hook. Safe to call twice."""
         self._consumers.pop(id(consumer), None)
@@ -125,9 +133,11 @@ class Engine:
             return
         self._batch = batch
         self._batches += 1
+        every = self.histogram_every_n_steps
+        closes_at = (self._windows + 1) * self.every_n_steps
+        self._histogram_window = every is not None and closes_at % every == 0
         if self.activations is not None:
-            every = self.histogram_every_n_windows
-            self.activations.start_batch(histograms=every is not None and (self._windows + 1) % every == 0)
+            self.activations.start_batch(histograms=self._histogram_window)
 
     def pause(self) -> None:
         """Stop counting forwards until :meth:`resume` (backward recomputations)."""
@@ -147,7 +157,7 @@ class Engine:
         if self.gradients is None or key == self._last_optimizer_step:
             return
         self._last_optimizer_step = key
-        self.gradients.before_step(optimizer, grad_scale=grad_scale, scaler=scaler)
+        self.gradients.before_step(optimizer, grad_scale=grad_scale, scaler=scaler, histograms=self._histogram_window)
 
     def end_batch(self, batch: Hashable, step: int) -> WindowSnapshot | None:
         """Finish ``batch`` at optimizer step ``step``.
@@ -214,22 +224,36 @@ def acquire(
     consumer: object,
     *,
     every_n_steps: int,
+    explicit: bool = True,
     reduce_sum: ReduceSum | None = None,
     world_size: int = 1,
 ) -> Engine:
-    """Join (or create) ``model``'s engine as ``consumer``.
+    """Join (or create) ``model``'s engine as ``consumer``, before training starts.
+
+    Args:
+        model: the model to measure.
+        consumer: the callback joining.
+        every_n_steps: the window length the consumer wants.
+        explicit: the consumer chose ``every_n_steps`` itself; a window that was only a default
+            gives way to an explicit one.
+        reduce_sum: sums a tensor across processes; ``None`` for a single process.
+        world_size: number of processes.
 
     Raises:
-        ValueError: ``every_n_steps`` differs from the window of a consumer already attached.
+        ValueError: two consumers chose different windows explicitly.
     """
     engine = _ENGINES.get(model)
     if engine is None:
         engine = _ENGINES[model] = Engine(model, every_n_steps, reduce_sum, world_size)
-    elif engine.every_n_steps != every_n_steps:
-        raise ValueError(
-            f"{type(consumer).__name__} asks for windows of {every_n_steps} steps, but {', '.join(engine.consumers)} "
-            f"already measures this model every {engine.every_n_steps} steps. Give them the same `every_n_steps`."
-        )
+        engine.window_explicit = explicit
+    elif engine.every_n_steps != every_n_steps and explicit:
+        if engine.window_explicit:
+            raise ValueError(
+                f"{type(consumer).__name__} asks for windows of {every_n_steps} steps, but "
+                f"{', '.join(engine.consumers)} already measures this model every {engine.every_n_steps} steps. "
+                "Give them the same `every_n_steps`."
+            )
+        engine.every_n_steps, engine.window_explicit = every_n_steps, True
     engine._consumers[id(consumer)] = type(consumer).__name__
     return engine
 

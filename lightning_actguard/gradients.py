@@ -20,13 +20,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_actguard import _stats
 from lightning_actguard._packing import FlatReader, ReduceSum
 from lightning_actguard._warnings import WarnOnce
-from lightning_actguard.snapshot import GradientLayerStats, GradientStats
+from lightning_actguard.activations import ActivationSpec
+from lightning_actguard.snapshot import GradientLayerStats, GradientStats, Histogram, histogram_from_packed
 
 __all__ = ["GradientCollector", "GradientThresholds"]
 
 _TOTALS = ("total_sq", "steps", "skipped_steps", "nonfinite_steps")
+_UNBOUNDED = ActivationSpec("gradient")  # gradients use the symmetric log-spaced buckets
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,10 @@ class GradientCollector:
         self._before_update: dict[int, tuple[list[Tensor], list[Tensor], Tensor]] = {}
         self._handles: list[RemovableHandle] = []
         self._hooked: set[int] = set()
+        self._histograms: Tensor | None = None
+        self._edges: Tensor | None = None
         self._warn = WarnOnce()
+        self._packed_histograms = False
 
     def _index_layers(self, model: nn.Module) -> None:
         seen: set[int] = set()
@@ -122,7 +128,12 @@ class GradientCollector:
         self._before_update.clear()
 
     def before_step(
-        self, optimizer: torch.optim.Optimizer, *, grad_scale: Tensor | None = None, scaler: bool = False
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        grad_scale: Tensor | None = None,
+        scaler: bool = False,
+        histograms: bool = False,
     ) -> None:
         """Add this step's gradient norms of the parameters ``optimizer`` updates.
 
@@ -132,6 +143,7 @@ class GradientCollector:
                 unscale inside their own ``step()`` (fused Adam under a GradScaler).
             scaler: a gradient scaler will skip this step if its gradients are not finite; such
                 steps are counted as skipped instead of exploding.
+            histograms: also bucket each layer's gradients, if not done yet in this window.
         """
         pairs = [(p, self._layer_of[id(p)]) for p in _params(optimizer) if id(p) in self._layer_of]
         pairs = [(p, layer) for p, layer in pairs if p.grad is not None and not p.grad.is_sparse]
@@ -141,6 +153,8 @@ class GradientCollector:
             self._add_norms(pairs, grad_scale, scaler)
             if self._measure_update_next:
                 self._copy_weights(optimizer, pairs)
+            if histograms and self._histograms is None:
+                self._histograms = self._bucket(pairs, grad_scale)
         except Exception as error:
             self._warn(f"Measuring gradients failed at one step and was skipped ({type(error).__name__}: {error}).")
 
@@ -179,6 +193,18 @@ class GradientCollector:
             }
         return self._buffers
 
+    def _bucket(self, pairs: list[tuple[nn.Parameter, int]], grad_scale: Tensor | None) -> Tensor:
+        device = pairs[0][0].device
+        if self._edges is None or self._edges.device != device:
+            self._edges = _stats.histogram_edges(_UNBOUNDED, device)
+        packed = torch.zeros(len(self.layer_names), 2 + self._edges.numel() + 1, device=device)
+        for param, layer in pairs:
+            grad = _stats.as_float(param.grad if grad_scale is None else param.grad / grad_scale)  # type: ignore[arg-type, operator]
+            packed[layer, 0] += grad.sum()
+            packed[layer, 1] += torch.dot(grad, grad)
+            packed[layer, 2:] += _stats.histogram_counts(grad, self._edges)
+        return packed
+
     def _copy_weights(self, optimizer: torch.optim.Optimizer, pairs: list[tuple[nn.Parameter, int]]) -> None:
         params = [p.detach() for p, _ in pairs]
         layers = torch.tensor([layer for _, layer in pairs], device=params[0].device)
@@ -205,7 +231,11 @@ class GradientCollector:
         """The window's buffers as flat device tensors, in the order :meth:`unpack` reads them."""
         if not self._buffers:
             return []
-        return [self._buffers[name].flatten() for name in ("squares", "nonfinite", "totals", "update")]
+        pieces = [self._buffers[name].flatten() for name in ("squares", "nonfinite", "totals", "update")]
+        self._packed_histograms = self._histograms is not None
+        if self._histograms is not None:
+            pieces.append(self._histograms.flatten())
+        return pieces
 
     def unpack(self, take: FlatReader, world_size: int = 1) -> GradientStats | None:
         """Statistics from the reduced values of the last :meth:`pack`."""
@@ -215,6 +245,11 @@ class GradientCollector:
         squares, nonfinite = take(layers).tolist(), take(layers).tolist()
         totals = dict(zip(_TOTALS, take(len(_TOTALS)).tolist(), strict=True))
         changes, sizes = take(layers).tolist(), take(layers).tolist()
+        histograms: dict[str, Histogram] = {}
+        if self._packed_histograms:
+            width = 2 + self._edges.numel() + 1  # type: ignore[union-attr]
+            for name, row in zip(self.layer_names, take(layers * width).view(layers, width), strict=True):
+                histograms[name] = histogram_from_packed(row, _UNBOUNDED)
         replicas = 1 if self.sharded else world_size
         counts = world_size  # every process counts the same steps
         steps = totals["steps"] / counts
@@ -229,6 +264,7 @@ class GradientCollector:
                 norm=rms(squares[index]),
                 nonfinite_steps=round(nonfinite[index] / counts),
                 update_ratio=math.sqrt(changes[index] / sizes[index]) if sizes[index] > 0 else None,
+                histogram=histograms.get(name),
             )
             for index, name in enumerate(self.layer_names)
         }
@@ -287,6 +323,7 @@ class GradientCollector:
             buffer.zero_()
         self._before_update.clear()
         self._measure_update_next = self.update_ratio
+        self._histograms = None
 
     def read(self, reduce_sum: ReduceSum | None = None, world_size: int = 1) -> GradientStats | None:
         """Reduce, read back and reset in one go (for use without the engine)."""

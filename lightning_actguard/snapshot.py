@@ -6,7 +6,11 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
+
+from lightning_actguard import _stats
+from lightning_actguard.activations import ActivationSpec
 
 __all__ = [
     "ACTIVATION_STATISTICS",
@@ -107,12 +111,14 @@ class GradientLayerStats:
         nonfinite_steps: optimizer steps at which the layer's gradient held a NaN or infinity.
         update_ratio: ``|W_after - W_before| / |W_before|`` across one real optimizer step (the
             window's first), ``None`` when not measured. About 1e-3 is the usual healthy order.
+        histogram: the layer's gradients at one step in buckets, on histogram windows.
     """
 
     name: str
     norm: float
     nonfinite_steps: int
     update_ratio: float | None
+    histogram: Histogram | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,34 @@ class WindowSnapshot:
             for name, layer in self.activations.items()
             for statistic, value in layer.metrics()
         }
+
+
+def histogram_from_packed(packed: Tensor, spec: ActivationSpec) -> Histogram:
+    """A :class:`Histogram` from ``[sum, sum of squares, *bucket counts]`` read back from the device.
+
+    The buckets are those of :func:`lightning_actguard._stats.histogram_edges` for ``spec``.
+    """
+    total, total_squares = packed[:2].tolist()
+    counts = packed[2:]
+    limits = torch.cat((_stats.histogram_edges(spec), torch.tensor([torch.finfo(torch.float32).max])))
+    nonempty = torch.nonzero(counts).flatten()
+    if nonempty.numel() == 0:
+        return Histogram(0.0, 0.0, 0.0, total, total_squares, [], [])
+    first, last = int(nonempty[0]), int(nonempty[-1])
+    lowest, highest = float(limits[first - 1]) if first > 0 else float(limits[0]), float(limits[last])
+    if spec.hard_floor:
+        lowest = max(lowest, spec.floor)
+    if spec.bounds is not None:
+        lowest, highest = max(lowest, spec.bounds[0]), min(highest, spec.bounds[1])
+    return Histogram(
+        minimum=lowest,
+        maximum=highest,
+        count=float(counts.sum()),
+        total=total,
+        total_squares=total_squares,
+        limits=limits[first : last + 1].tolist(),
+        counts=counts[first : last + 1].tolist(),
+    )
 
 
 def mean_and_std(total: float, total_squares: float, count: float) -> tuple[float, float]:

@@ -42,7 +42,9 @@ class EngineCallback(Callback):
         return self._engine.latest if self._engine is not None else self._last_snapshot
 
     def window_length(self, trainer: pl.Trainer) -> int:
-        """The window in optimizer steps this callback uses with ``trainer``."""
+        """The window in optimizer steps: this callback's, another's chosen one, or the trainer's default."""
+        if self._engine is not None:
+            return self._engine.every_n_steps
         return self.every_n_steps or trainer.log_every_n_steps or _DEFAULT_WINDOW
 
     def configure_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, engine: Engine) -> None:
@@ -62,6 +64,7 @@ class EngineCallback(Callback):
             pl_module,
             self,
             every_n_steps=self.window_length(trainer),
+            explicit=self.every_n_steps is not None,
             reduce_sum=reduce_sum,
             world_size=trainer.world_size,
         )

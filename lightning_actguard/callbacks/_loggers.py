@@ -1,62 +1,54 @@
-"""Writing snapshots to Lightning loggers: scalars to all, charts and histograms to TensorBoard."""
+"""Writing window statistics to Lightning loggers: scalars to all, charts and histograms to TensorBoard."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from lightning_actguard.snapshot import ACTIVATION_STATISTICS, WindowSnapshot
+from lightning_actguard.snapshot import Histogram
 
-_CHART_TITLES = {
-    "act_dead_frac": "dead unit fraction",
-    "act_zero_frac": "zero share",
-    "act_saturated_frac": "saturated share",
-    "act_out_mean": "output mean",
-    "act_out_std": "output std",
-    "act_in_mean": "input mean",
-    "act_in_std": "input std",
-    "act_nonfinite": "non-finite outputs",
-}
+Layout = dict[str, dict[str, list]]
 
 
-def custom_scalars_layout(prefix: str, category: str = "activations") -> dict[str, dict[str, list]]:
-    """A TensorBoard custom-scalars layout: one chart per statistic, every layer a line on it."""
-    return {
-        category: {
-            _CHART_TITLES[statistic]: ["Multiline", [f"^{re.escape(prefix + statistic)}/"]]
-            for statistic in ACTIVATION_STATISTICS
-        }
-    }
+def multiline_layout(category: str, charts: Mapping[str, str], prefix: str) -> Layout:
+    """A TensorBoard custom-scalars category with one chart per statistic, every layer a line on it.
+
+    Args:
+        category: the category's title in the Custom Scalars tab.
+        charts: chart title -> statistic (the part of the key before ``/<layer>``).
+        prefix: the keys' ``log_key_prefix``.
+    """
+    return {category: {title: ["Multiline", [f"^{re.escape(prefix + stat)}/"]] for title, stat in charts.items()}}
 
 
-def _tensorboard_loggers(loggers: Iterable[pl.loggers.Logger]) -> list[TensorBoardLogger]:
+def _tensorboard_loggers(loggers: Iterable[Logger]) -> list[TensorBoardLogger]:
     return [logger for logger in loggers if isinstance(logger, TensorBoardLogger)]
 
 
 @rank_zero_only
-def write_activation_layout(trainer: pl.Trainer, prefix: str) -> None:
-    """Add the custom-scalars layout to every TensorBoard logger of ``trainer``."""
+def write_layout(trainer: pl.Trainer, layout: Layout) -> None:
+    """Add a custom-scalars layout to every TensorBoard logger of ``trainer``."""
     for logger in _tensorboard_loggers(trainer.loggers):
-        logger.experiment.add_custom_scalars(custom_scalars_layout(prefix))
+        logger.experiment.add_custom_scalars(layout)
 
 
 @rank_zero_only
-def write_activations(trainer: pl.Trainer, snapshot: WindowSnapshot, prefix: str, step: int) -> None:
-    """Log a snapshot's scalars to every logger and its histograms to TensorBoard."""
-    metrics = snapshot.activation_metrics(prefix)
+def write_window(
+    trainer: pl.Trainer, metrics: Mapping[str, float], histograms: Mapping[str, Histogram], step: int
+) -> None:
+    """Log scalars to every logger and histograms to TensorBoard, one call per logger."""
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
+        logger.log_metrics(dict(metrics), step=step)
     for logger in _tensorboard_loggers(trainer.loggers):
-        for name, layer in snapshot.activations.items():
-            histogram = layer.histogram
-            if histogram is None or not histogram.counts:
+        for tag, histogram in histograms.items():
+            if not histogram.counts:
                 continue
             logger.experiment.add_histogram_raw(
-                f"{prefix}act_out_hist/{name}",
+                tag,
                 min=histogram.minimum,
                 max=histogram.maximum,
                 num=histogram.count,

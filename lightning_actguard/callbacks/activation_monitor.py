@@ -17,7 +17,16 @@ from lightning_actguard.engine import ActivationSettings, Engine
 from lightning_actguard.snapshot import WindowSnapshot
 from lightning_actguard.summary import print_summary
 
-_DEFAULT_WINDOW = 50
+_CHARTS = {
+    "dead unit fraction": "act_dead_frac",
+    "zero share": "act_zero_frac",
+    "saturated share": "act_saturated_frac",
+    "output mean": "act_out_mean",
+    "output std": "act_out_std",
+    "input mean": "act_in_mean",
+    "input std": "act_in_std",
+    "non-finite outputs": "act_nonfinite",
+}
 
 
 class ActivationMonitor(EngineCallback):
@@ -134,7 +143,7 @@ class ActivationMonitor(EngineCallback):
             self, ActivationSettings(self.unit_dim, self.saturation_eps, self.max_calls_per_module), layers
         )
         if self.histogram_every_n_steps is not None:
-            engine.histogram_every_n_windows = self.histogram_every_n_steps // window
+            engine.use_histograms(self, self.histogram_every_n_steps)
         if not layers:
             pl.utilities.rank_zero_warn(
                 f"ActivationMonitor found no activation layers in {type(pl_module).__name__}. It looks for "
@@ -147,11 +156,17 @@ class ActivationMonitor(EngineCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        _loggers.write_activation_layout(trainer, self.log_key_prefix)
+        _loggers.write_layout(trainer, _loggers.multiline_layout("activations", _CHARTS, self.log_key_prefix))
 
     @override
     def on_window(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: WindowSnapshot) -> None:
-        _loggers.write_activations(trainer, snapshot, self.log_key_prefix, _compat.logger_step(trainer))
+        prefix = self.log_key_prefix
+        histograms = {
+            f"{prefix}act_out_hist/{name}": layer.histogram
+            for name, layer in snapshot.activations.items()
+            if layer.histogram is not None
+        }
+        _loggers.write_window(trainer, snapshot.activation_metrics(prefix), histograms, _compat.logger_step(trainer))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
