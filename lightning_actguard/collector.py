@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_actguard import _stats
 from lightning_actguard._packing import FlatReader, ReduceSum
 from lightning_actguard._warnings import WarnOnce
-from lightning_actguard.activations import ActivationLayer, ActivationSpec
+from lightning_actguard.activations import ActivationLayer
 from lightning_actguard.snapshot import ActivationStats, Histogram, histogram_from_packed, mean_and_std
 
 __all__ = ["ActivationCollector"]

@@ -107,8 +107,10 @@ class Engine:
             )
 
     def use_histograms(self, consumer: object, every_n_steps: int) -> None:
-        """Bucket activations and gradients on the first batch of each window that closes at a multiple of
-        ``every_n_steps``."""
+        """Bucket activations and gradients in windows that close at a multiple of ``every_n_steps``.
+
+        The histograms are taken on the first batch (and first optimizer step) of such a window.
+        """
         self._agree("histograms", every_n_steps, consumer)
         self.histogram_every_n_steps = every_n_steps
 

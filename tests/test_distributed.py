@@ -11,7 +11,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_actguard import ActivationMonitor
+from lightning_actguard import ActivationMonitor, GradientMonitor
 
 
 def rank_inputs(rank, samples=16):
@@ -46,13 +46,18 @@ class RecordPerRank(pl.Callback):
         self.monitor, self.directory = monitor, directory
 
     def on_train_end(self, trainer, pl_module):
-        layer = self.monitor.snapshot.activations["act"]
-        record = {"dead_units": layer.dead_units.tolist(), "zero_frac": layer.zero_frac}
+        snapshot = self.monitor.snapshot
+        layer = snapshot.activations["act"]
+        record = {
+            "dead_units": layer.dead_units.tolist(),
+            "zero_frac": layer.zero_frac,
+            "head_grad_norm": snapshot.gradients.layers["head"].norm,
+        }
         (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 def test_statistics_are_reduced_across_ranks_before_logging(tmp_path):
-    monitor = ActivationMonitor(print_summary=False)
+    monitor, gradients = ActivationMonitor(print_summary=False), GradientMonitor()
     logger = CSVLogger(tmp_path, name="ddp")
     trainer = tiny_trainer(
         tmp_path,
@@ -62,7 +67,7 @@ def test_statistics_are_reduced_across_ranks_before_logging(tmp_path):
         log_every_n_steps=2,
         use_distributed_sampler=False,
         logger=logger,
-        callbacks=[monitor, RecordPerRank(monitor, tmp_path)],
+        callbacks=[monitor, gradients, RecordPerRank(monitor, tmp_path)],
     )
     trainer.fit(ReluOnInputs())
 
@@ -70,6 +75,9 @@ def test_statistics_are_reduced_across_ranks_before_logging(tmp_path):
     assert records[0] == records[1]
     assert records[0]["dead_units"] == [True, False, False]
     assert records[0]["zero_frac"] == pytest.approx(1 / 3 + 1 / 6)  # unit 0 everywhere, unit 1 on one rank of two
+    # The head's gradient is the sum of relu(x) over a batch of 4 (and 4 for the bias): (0, 0, 4, 4) on
+    # rank 0, (0, 4, 4, 4) on rank 1. DDP averages them to (0, 2, 4, 4), of norm 6.
+    assert records[0]["head_grad_norm"] == pytest.approx(6.0)
     with open(tmp_path / "ddp" / "version_0" / "metrics.csv") as file:
         logged = [float(row["act_dead_frac/act"]) for row in csv.DictReader(file) if row.get("act_dead_frac/act")]
     assert logged == pytest.approx([1 / 3, 1 / 3])

@@ -166,6 +166,4 @@ class GradientMonitor(EngineCallback):
         ):
             if raised and flag not in self._warned:
                 self._warned.add(flag)
-                rank_zero_warn(
-                    f"At step {snapshot.step}: {gradients.diagnosis}. {advice}", category=ActGuardWarning
-                )
+                rank_zero_warn(f"At step {snapshot.step}: {gradients.diagnosis}. {advice}", category=ActGuardWarning)
