@@ -3,7 +3,7 @@
 The model mixes ReLU layers with one Tanh layer. ActivationMonitor measures every activation
 on every training batch, logs per-layer statistics (dead units, zero and saturated shares,
 input and output mean/std, histograms) to TensorBoard and prints a per-layer table when
-training ends.
+training ends; GradientMonitor does the same for each layer's gradient norm and update ratio.
 
 Run from the repository root (CPU, well under a minute; the dataset ships with scikit-learn):
 
@@ -24,7 +24,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_actguard import ActivationMonitor
+from lightning_actguard import ActivationMonitor, GradientMonitor
 
 UNHEALTHY_LR = 0.05  # far too high for Adam on this problem
 
@@ -116,7 +116,7 @@ def main() -> None:
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         log_every_n_steps=10,  # 23 steps an epoch: several monitor windows even in a short run
-        callbacks=[ActivationMonitor(histogram_every_n_steps=50)],
+        callbacks=[ActivationMonitor(histogram_every_n_steps=50), GradientMonitor(histogram_every_n_steps=50)],
         logger=TensorBoardLogger(args.logdir, name="digits"),
         enable_checkpointing=False,
         enable_model_summary=False,

@@ -258,7 +258,7 @@ class ActivationCollector:
         device = sites[0].totals.device  # type: ignore[union-attr]
         counts = [float(n) for site in sites for n in (site.out_elements, site.in_elements)]
         pieces = [site.totals for site in sites]
-        pieces.append(torch.tensor(counts, device=device, dtype=torch.float32))
+        pieces.append(_to_device(torch.tensor(counts, dtype=torch.float32), device))
         pieces.extend((site.unit_max > site.layer.spec.floor).float() for site in sites)  # type: ignore[operator]
         pieces.extend(site.histogram for site in sites if site.histogram is not None)
         return pieces  # type: ignore[return-value]
@@ -286,6 +286,13 @@ class ActivationCollector:
             totals_by_field = dict(zip(_FIELDS, row, strict=True))
             stats.append(_layer_stats(name, site, totals_by_field, out_n, in_n, unit_fired, histogram))
         return stats
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host tensor to ``device`` without waiting for the device's queued work."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _layer_stats(

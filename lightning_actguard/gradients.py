@@ -175,11 +175,16 @@ class GradientCollector:
         )
         buffers["totals"].add_(step)
 
-    def _per_layer(self, values: Tensor, pairs: list[tuple[nn.Parameter, int]]) -> Tensor:
+    def _layer_index(self, pairs: list[tuple[nn.Parameter, int]], device: torch.device) -> Tensor:
+        """The layer of each parameter as a device tensor, made once per set of parameters."""
         key = tuple(layer for _, layer in pairs)
         index = self._index_cache.get(key)
-        if index is None or index.device != values.device:
-            index = self._index_cache[key] = torch.tensor(key, device=values.device)
+        if index is None or index.device != device:
+            index = self._index_cache[key] = torch.tensor(key, device=device)
+        return index
+
+    def _per_layer(self, values: Tensor, pairs: list[tuple[nn.Parameter, int]]) -> Tensor:
+        index = self._layer_index(pairs, values.device)
         return values.new_zeros(len(self.layer_names)).index_add_(0, index, values)
 
     def _state(self, device: torch.device) -> dict[str, Tensor]:
@@ -207,7 +212,7 @@ class GradientCollector:
 
     def _copy_weights(self, optimizer: torch.optim.Optimizer, pairs: list[tuple[nn.Parameter, int]]) -> None:
         params = [p.detach() for p, _ in pairs]
-        layers = torch.tensor([layer for _, layer in pairs], device=params[0].device)
+        layers = self._layer_index(pairs, params[0].device)
         self._before_update[id(optimizer)] = (params, [p.clone() for p in params], layers)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
@@ -286,25 +291,24 @@ class GradientCollector:
         if depth_ratio is not None and depth_ratio < limits.vanishing_ratio:
             first, last = (self.layer_names[self._weight_layers[i]] for i in (0, -1))
             vanished.append(
-                f"gradients have vanished: the first layer {first!r} gets {depth_ratio:.1e} of the gradient norm of "
-                f"the last layer {last!r} (threshold {limits.vanishing_ratio:g})"
+                f"the first layer {first!r} gets {depth_ratio:.1e} of the gradient norm of the last layer {last!r} "
+                f"(threshold {limits.vanishing_ratio:g})"
             )
         below_floor = sum(norm < limits.vanishing_floor for norm in weight_norms)
         if below_floor > len(weight_norms) / 2:
-            vanished.append(
-                f"gradients have vanished: {below_floor} of {len(weight_norms)} weight layers have gradient norms "
-                f"below {limits.vanishing_floor:g}"
-            )
+            floor = limits.vanishing_floor
+            vanished.append(f"{below_floor} of {len(weight_norms)} weight layers have gradient norms below {floor:g}")
         if total_norm > limits.exploding_norm:
-            exploded.append(f"gradients have exploded: global norm {total_norm:.3g} above {limits.exploding_norm:g}")
+            exploded.append(f"the global norm {total_norm:.3g} is above {limits.exploding_norm:g}")
         if nonfinite:
-            exploded.append(
-                f"gradients have exploded: {round(nonfinite)} optimizer steps got NaN or infinite gradients"
-            )
+            exploded.append(f"{round(nonfinite)} optimizer steps got NaN or infinite gradients")
         if skipped and not steps:
-            exploded.append(
-                f"the gradient scaler skipped all {round(skipped)} steps of the window for non-finite values"
-            )
+            exploded.append(f"the gradient scaler skipped all {round(skipped)} steps of the window")
+        verdicts = [
+            f"gradients have {verb}: {'; '.join(reasons)}"
+            for verb, reasons in (("vanished", vanished), ("exploded", exploded))
+            if reasons
+        ]
         return GradientStats(
             layers=layers,
             total_norm=total_norm,
@@ -314,7 +318,7 @@ class GradientCollector:
             depth_ratio=depth_ratio,
             vanishing=bool(vanished),
             exploding=bool(exploded),
-            diagnosis="; ".join(vanished + exploded),
+            diagnosis=". ".join(verdicts),
         )
 
     def reset(self) -> None:

@@ -7,9 +7,9 @@ import io
 from rich.console import Console
 from rich.table import Table
 
-from lightning_actguard.snapshot import WindowSnapshot
+from lightning_actguard.snapshot import GradientStats, WindowSnapshot
 
-__all__ = ["print_summary", "render_summary", "summary_table"]
+__all__ = ["gradient_table", "print_summary", "render_summary", "summary_table"]
 
 _MIN_WIDTH = 120
 
@@ -47,15 +47,31 @@ def summary_table(snapshot: WindowSnapshot) -> Table:
     return table
 
 
-def print_summary(snapshot: WindowSnapshot, console: Console | None = None) -> None:
-    """Print the table of :func:`summary_table`, at least 120 columns wide."""
+def gradient_table(gradients: GradientStats, step: int) -> Table:
+    """One row per layer: gradient norm, update ratio and non-finite steps; the verdict in the caption."""
+    table = Table(title=f"Gradients over the last {gradients.steps} optimizer steps, to step {step}")
+    table.add_column("layer", no_wrap=True)
+    for column in ("grad norm", "update ratio", "non-finite steps"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for layer in gradients.layers.values():
+        ratio = "-" if layer.update_ratio is None else _number(layer.update_ratio)
+        table.add_row(layer.name, _number(layer.norm), ratio, str(layer.nonfinite_steps))
+    depth = "-" if gradients.depth_ratio is None else _number(gradients.depth_ratio)
+    verdict = gradients.diagnosis or "healthy"
+    table.caption = f"global norm {_number(gradients.total_norm)}, first/last layer {depth}: {verdict}"
+    table.caption_justify = "left"
+    return table
+
+
+def print_summary(table: Table, console: Console | None = None) -> None:
+    """Print a table at least 120 columns wide (rich assumes 80 when output is not a terminal)."""
     console = console or Console()
     console.width = max(console.width, _MIN_WIDTH)
-    console.print(summary_table(snapshot))
+    console.print(table)
 
 
 def render_summary(snapshot: WindowSnapshot) -> str:
-    """The table of :func:`summary_table` as plain text."""
+    """The activation table of :func:`summary_table` as plain text."""
     buffer = io.StringIO()
-    print_summary(snapshot, Console(file=buffer, color_system=None))
+    print_summary(summary_table(snapshot), Console(file=buffer, color_system=None))
     return buffer.getvalue()

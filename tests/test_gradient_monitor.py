@@ -29,6 +29,16 @@ def test_tensorboard_holds_hand_computed_norms(tmp_path):
     assert "custom_scalars__config__" in events.Tags()["tensors"]
 
 
+def test_prints_a_per_layer_gradient_table_at_the_end(tmp_path, capsys):
+    trainer = tiny_trainer(tmp_path, logger=False, callbacks=[GradientMonitor(every_n_steps=2)], max_steps=2)
+    trainer.fit(KnownGradientModel(scales=(1.0, 1.0)))
+
+    printed = capsys.readouterr().out
+    assert "Gradients over the last 2 optimizer steps, to step 2" in printed
+    assert "8.66" in printed  # sqrt(75), layer net.0
+    assert "healthy" in printed
+
+
 def test_accumulated_gradients_are_measured_not_one_micro_batch(tmp_path):
     # Lightning divides each micro-batch's loss by 4, so a step's gradient is the mean over 4
     # micro-batches: for scales 1..4, |g|^2 = 5 * 2.5^2 + 1; for 5..8, 5 * 6.5^2 + 1.

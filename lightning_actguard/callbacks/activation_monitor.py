@@ -15,7 +15,7 @@ from lightning_actguard.callbacks import _loggers
 from lightning_actguard.callbacks._engine_callback import EngineCallback, check_positive_int
 from lightning_actguard.engine import ActivationSettings, Engine
 from lightning_actguard.snapshot import WindowSnapshot
-from lightning_actguard.summary import print_summary
+from lightning_actguard.summary import print_summary, summary_table
 
 _CHARTS = {
     "dead unit fraction": "act_dead_frac",
@@ -173,4 +173,4 @@ class ActivationMonitor(EngineCallback):
         super().on_train_end(trainer, pl_module)
         latest = self.snapshot
         if self.print_summary and latest is not None and latest.activations:
-            rank_zero_only(print_summary)(latest)
+            rank_zero_only(print_summary)(summary_table(latest))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_actguard import _compat
@@ -13,6 +13,7 @@ from lightning_actguard.callbacks._engine_callback import EngineCallback, check_
 from lightning_actguard.engine import Engine, GradientSettings
 from lightning_actguard.gradients import GradientThresholds
 from lightning_actguard.snapshot import WindowSnapshot
+from lightning_actguard.summary import gradient_table, print_summary
 
 _CHARTS = {
     "gradient norm": "grad_norm",
@@ -76,6 +77,7 @@ class GradientMonitor(EngineCallback):
             this many steps, a multiple of the window; ``None`` for none.
         log_key_prefix: prepended to every logged key.
         warn: warn once, in plain words, the first time gradients vanish or explode.
+        print_summary: print a per-layer table at the end of training (rank zero).
 
     Raises:
         ValueError: an argument is out of range.
@@ -106,6 +108,7 @@ class GradientMonitor(EngineCallback):
         histogram_every_n_steps: int | None = None,
         log_key_prefix: str = "",
         warn: bool = True,
+        print_summary: bool = True,
     ) -> None:
         super().__init__(every_n_steps)
         if not 0 < vanishing_ratio < 1:
@@ -120,6 +123,7 @@ class GradientMonitor(EngineCallback):
         self.histogram_every_n_steps = histogram_every_n_steps
         self.log_key_prefix = log_key_prefix
         self.warn = warn
+        self.print_summary = print_summary
         self._warned: set[str] = set()
 
     @override
@@ -156,6 +160,13 @@ class GradientMonitor(EngineCallback):
         _loggers.write_window(trainer, gradients.to_metrics(prefix), histograms, _compat.logger_step(trainer))
         if self.warn:
             self._warn_once(snapshot)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        latest = self.snapshot
+        if self.print_summary and latest is not None and latest.gradients is not None:
+            rank_zero_only(print_summary)(gradient_table(latest.gradients, latest.step))
 
     def _warn_once(self, snapshot: WindowSnapshot) -> None:
         gradients = snapshot.gradients
