@@ -145,7 +145,13 @@ class GradientCollector:
                 steps are counted as skipped instead of exploding.
             histograms: also bucket each layer's gradients, if not done yet in this window.
         """
-        pairs = [(p, self._layer_of[id(p)]) for p in _params(optimizer) if id(p) in self._layer_of]
+        params = _params(optimizer)
+        pairs = [(p, self._layer_of[id(p)]) for p in params if id(p) in self._layer_of]
+        if params and not pairs:
+            self._warn(
+                "None of the parameters this optimizer updates belongs to a module of the model (a strategy may "
+                "have replaced them, as FSDP does without use_orig_params=True): their gradients are not measured."
+            )
         pairs = [(p, layer) for p, layer in pairs if p.grad is not None and not p.grad.is_sparse]
         if not pairs:
             return

@@ -170,3 +170,13 @@ def test_a_failing_measurement_warns_and_training_goes_on(monkeypatch):
     model(torch.ones(1, 2)).sum().backward()
     with pytest.warns(ActGuardWarning, match="Measuring gradients failed .*RuntimeError: boom"):
         collector.before_step(optimizer)
+
+
+def test_an_optimizer_over_foreign_parameters_gets_one_warning():
+    model = two_layer_model()
+    stranger = nn.Parameter(torch.ones(2))
+    stranger.grad = torch.ones(2)
+    collector = GradientCollector(model)
+    with pytest.warns(ActGuardWarning, match="None of the parameters this optimizer updates belongs to a module"):
+        collector.before_step(torch.optim.SGD([stranger], lr=0.1))
+    assert collector.read() is None
