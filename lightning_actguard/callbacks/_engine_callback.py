@@ -50,6 +50,21 @@ class EngineCallback(Callback):
     def configure_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, engine: Engine) -> None:
         """Ask ``engine`` to measure what this callback needs."""
 
+    def request_histograms(self, engine: Engine, every_n_steps: int | None) -> None:
+        """Ask for histograms every ``every_n_steps`` steps, which must be a multiple of the window.
+
+        Raises:
+            ValueError: ``every_n_steps`` is not a multiple of the window.
+        """
+        if every_n_steps is None:
+            return
+        if every_n_steps % engine.every_n_steps:
+            raise ValueError(
+                f"`histogram_every_n_steps` must be a multiple of the logging window ({engine.every_n_steps} steps), "
+                f"got {every_n_steps}."
+            )
+        engine.use_histograms(self, every_n_steps)
+
     def on_window(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: WindowSnapshot) -> None:
         """Called on every rank with the reduced statistics of each window that closes."""
 

@@ -130,20 +130,13 @@ class ActivationMonitor(EngineCallback):
 
     @override
     def configure_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, engine: Engine) -> None:
-        window = self.window_length(trainer)
-        if self.histogram_every_n_steps is not None and self.histogram_every_n_steps % window:
-            raise ValueError(
-                f"`histogram_every_n_steps` must be a multiple of the logging window ({window} steps), "
-                f"got {self.histogram_every_n_steps}."
-            )
+        self.request_histograms(engine, self.histogram_every_n_steps)
         layers = find_activation_layers(
             pl_module, extra_types=self.extra_types, name_pattern=self.name_pattern, predicate=self.predicate
         )
         engine.use_activations(
             self, ActivationSettings(self.unit_dim, self.saturation_eps, self.max_calls_per_module), layers
         )
-        if self.histogram_every_n_steps is not None:
-            engine.use_histograms(self, self.histogram_every_n_steps)
         if not layers:
             pl.utilities.rank_zero_warn(
                 f"ActivationMonitor found no activation layers in {type(pl_module).__name__}. It looks for "

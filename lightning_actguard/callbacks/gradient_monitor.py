@@ -128,14 +128,7 @@ class GradientMonitor(EngineCallback):
 
     @override
     def configure_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, engine: Engine) -> None:
-        window = self.window_length(trainer)
-        if self.histogram_every_n_steps is not None:
-            if self.histogram_every_n_steps % window:
-                raise ValueError(
-                    f"`histogram_every_n_steps` must be a multiple of the logging window ({window} steps), "
-                    f"got {self.histogram_every_n_steps}."
-                )
-            engine.use_histograms(self, self.histogram_every_n_steps)
+        self.request_histograms(engine, self.histogram_every_n_steps)
         sharded = type(trainer.strategy).__name__ in _SHARDED_STRATEGIES
         engine.use_gradients(self, GradientSettings(self.thresholds, self.update_ratio), sharded=sharded)
         self._warned.clear()
