@@ -2,8 +2,9 @@
 
 from lightning_actguard._warnings import ActGuardWarning
 from lightning_actguard.activations import ActivationSpec, find_activation_layers, spec_for
-from lightning_actguard.callbacks import ActivationMonitor, GradientMonitor
+from lightning_actguard.callbacks import ActivationMonitor, DeadReLUGuard, GradientMonitor, LossPlateauGuard
 from lightning_actguard.collector import ActivationCollector
+from lightning_actguard.events import GuardEvent
 from lightning_actguard.gradients import GradientCollector, GradientThresholds
 from lightning_actguard.snapshot import ActivationStats, GradientLayerStats, GradientStats, WindowSnapshot
 from lightning_actguard.summary import render_summary
@@ -14,11 +15,14 @@ __all__ = [
     "ActivationMonitor",
     "ActivationSpec",
     "ActivationStats",
+    "DeadReLUGuard",
     "GradientCollector",
     "GradientLayerStats",
     "GradientMonitor",
     "GradientStats",
     "GradientThresholds",
+    "GuardEvent",
+    "LossPlateauGuard",
     "WindowSnapshot",
     "find_activation_layers",
     "render_summary",

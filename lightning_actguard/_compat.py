@@ -9,7 +9,7 @@ from torch import Tensor
 
 def logger_step(trainer: pl.Trainer) -> int:
     """The step Lightning itself passes to loggers, so our curves line up with the user's."""
-    loop = getattr(trainer.fit_loop, "epoch_loop", None)
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ from lightning_actguard._packing import FlatReader, ReduceSum
 from lightning_actguard.activations import ActivationLayer
 from lightning_actguard.collector import ActivationCollector
 from lightning_actguard.gradients import GradientCollector, GradientThresholds
+from lightning_actguard.losses import LossTracker
 from lightning_actguard.snapshot import WindowSnapshot
 
 __all__ = ["ActivationSettings", "Engine", "GradientSettings", "acquire", "engine_for"]
@@ -56,9 +58,11 @@ class Engine:
         self.world_size = world_size
         self.activations: ActivationCollector | None = None
         self.gradients: GradientCollector | None = None
+        self.losses: dict[str, LossTracker] = {}
         self.latest: WindowSnapshot | None = None
         self.histogram_every_n_steps: int | None = None
-        self._settings: dict[str, tuple[object, str]] = {}
+        self._settings: dict[str, tuple[object, str, bool]] = {}
+        self._losses_added: Hashable | None = None
         self._consumers: dict[int, str] = {}
         self._batch: Hashable | None = None
         self._ended: Hashable | None = None
@@ -74,37 +78,74 @@ class Engine:
         """Names of the callbacks sharing this engine."""
         return list(self._consumers.values())
 
-    def _agree(self, kind: str, settings: object, consumer: object) -> None:
-        agreed = self._settings.setdefault(kind, (settings, type(consumer).__name__))
-        if agreed[0] != settings:
+    def _agree(self, kind: str, settings: object, consumer: object, *, explicit: bool = True) -> bool:
+        """Record ``settings`` for ``kind``; return True when they replace settings nobody chose.
+
+        Raises:
+            ValueError: two consumers chose different settings.
+        """
+        name = type(consumer).__name__
+        agreed = self._settings.get(kind)
+        if agreed is None or (explicit and not agreed[2]):
+            self._settings[kind] = (settings, name, explicit)
+            return agreed is not None and agreed[0] != settings
+        if explicit and agreed[0] != settings:
             raise ValueError(
-                f"{type(consumer).__name__} asks for {settings}, but {agreed[1]} already measures this model "
+                f"{name} asks for {settings}, but {agreed[1]} already measures this model "
                 f"with {agreed[0]}. Give them the same settings."
             )
+        return False
 
     def use_activations(
-        self, consumer: object, settings: ActivationSettings, layers: Iterable[ActivationLayer]
+        self, consumer: object, settings: ActivationSettings | None, layers: Iterable[ActivationLayer]
     ) -> None:
-        """Measure ``layers`` too (the union of every consumer's layers is measured)."""
-        self._agree("activations", settings, consumer)
-        if self.activations is None:
+        """Measure ``layers`` too (the union of every consumer's layers is measured).
+
+        ``settings=None`` takes whatever another consumer chose, or the defaults.
+        """
+        replaced = self._agree("activations", settings or ActivationSettings(), consumer, explicit=settings is not None)
+        chosen: ActivationSettings = self._settings["activations"][0]  # type: ignore[assignment]
+        if self.activations is None or replaced:
+            previous = self.activations
             self.activations = ActivationCollector(
-                unit_dim=settings.unit_dim,
-                saturation_eps=settings.saturation_eps,
-                max_calls_per_module=settings.max_calls_per_module,
+                unit_dim=chosen.unit_dim,
+                saturation_eps=chosen.saturation_eps,
+                max_calls_per_module=chosen.max_calls_per_module,
             )
+            if previous is not None:
+                previous.detach()
+                self.activations.attach(previous.layers)
         self.activations.attach(layers)
 
-    def use_gradients(self, consumer: object, settings: GradientSettings, *, sharded: bool = False) -> None:
-        """Measure gradients of the model's trainable parameters at every optimizer step."""
-        self._agree("gradients", settings, consumer)
-        if self.gradients is None:
-            model = self._model()
-            if model is None:
-                return
+    def use_gradients(
+        self, consumer: object, settings: GradientSettings | None = None, *, sharded: bool = False
+    ) -> None:
+        """Measure gradients of the model's trainable parameters at every optimizer step.
+
+        ``settings=None`` takes whatever another consumer chose, or the defaults.
+        """
+        replaced = self._agree("gradients", settings or GradientSettings(), consumer, explicit=settings is not None)
+        chosen: GradientSettings = self._settings["gradients"][0]  # type: ignore[assignment]
+        model = self._model()
+        if (self.gradients is None or replaced) and model is not None:
+            if self.gradients is not None:
+                self.gradients.detach()
             self.gradients = GradientCollector(
-                model, thresholds=settings.thresholds, update_ratio=settings.update_ratio, sharded=sharded
+                model, thresholds=chosen.thresholds, update_ratio=chosen.update_ratio, sharded=sharded
             )
+
+    def use_loss(self, metric: str | None = None) -> None:
+        """Track the training loss (``None``: what ``training_step`` returns) or a logged metric."""
+        self.losses.setdefault(metric or "", LossTracker())
+
+    def add_losses(self, batch: Hashable, values: dict[str, Tensor]) -> None:
+        """Add this batch's loss values, once per batch however many callers pass them."""
+        if batch == self._losses_added:
+            return
+        self._losses_added = batch
+        for metric, value in values.items():
+            if metric in self.losses:
+                self.losses[metric].add(value)
 
     def use_histograms(self, consumer: object, every_n_steps: int) -> None:
         """Bucket activations and gradients in windows that close at a multiple of ``every_n_steps``.
@@ -193,32 +234,40 @@ class Engine:
 
     def close_window(self, step: int) -> WindowSnapshot:
         """Read the current window now: one reduction, one copy to the host, for everything measured."""
-        sources = [source for source in (self.activations, self.gradients) if source is not None]
-        pieces = [source.pack() for source in sources]
-        flat_pieces = [piece for group in pieces for piece in group]
-        activations, gradients = [], None
-        if flat_pieces:
-            device = flat_pieces[0].device
-            flat = torch.cat([piece.to(device) for piece in flat_pieces])
+        sources: list[tuple[str, _Source]] = [("activations", self.activations), ("gradients", self.gradients)]  # type: ignore[list-item]
+        sources += [(f"loss:{metric}", tracker) for metric, tracker in self.losses.items()]
+        sources = [(name, source) for name, source in sources if source is not None]
+        packed = [(name, source, source.pack()) for name, source in sources]
+        pieces = [piece for _, _, group in packed for piece in group]
+        results: dict[str, object] = {}
+        if pieces:
+            device = pieces[0].device
+            flat = torch.cat([piece.to(device) for piece in pieces])
             if self.reduce_sum is not None:
                 flat = self.reduce_sum(flat)
             take = FlatReader(flat.cpu())
-            if self.activations is not None:
-                activations = self.activations.unpack(take) if pieces[0] else []
-            if self.gradients is not None:
-                gradients = self.gradients.unpack(take, self.world_size) if pieces[-1] else None
-        for source in sources:
+            for name, source, group in packed:
+                if group:
+                    results[name] = source.unpack(take, self.world_size) if name == "gradients" else source.unpack(take)
+        for _, source in sources:
             source.reset()
         self.latest = WindowSnapshot(
             step=step,
             batches=self._batches,
-            activations={layer.name: layer for layer in activations},
-            gradients=gradients,
+            activations={layer.name: layer for layer in results.get("activations", [])},  # type: ignore[attr-defined]
+            gradients=results.get("gradients"),  # type: ignore[arg-type]
+            losses={name[len("loss:") :]: value for name, value in results.items() if name.startswith("loss:")},  # type: ignore[misc]
         )
         self._last_closed_step = step
         self._windows += 1
         self._batches = 0
         return self.latest
+
+
+class _Source(Protocol):
+    def pack(self) -> list[Tensor]: ...
+    def unpack(self, take: FlatReader, *args: int) -> object: ...
+    def reset(self) -> None: ...
 
 
 def acquire(

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_actguard import _stats
 from lightning_actguard.activations import ActivationSpec
+from lightning_actguard.losses import LossWindow
 
 __all__ = [
     "ACTIVATION_STATISTICS",
@@ -189,12 +190,15 @@ class WindowSnapshot:
         batches: training batches in the window (on this rank).
         activations: per-layer activation statistics, in the order the layers first ran.
         gradients: gradient statistics, when a gradient consumer is attached.
+        losses: the window's training loss by metric name (``""``: what ``training_step``
+            returned), when a loss consumer is attached.
     """
 
     step: int
     batches: int
     activations: dict[str, ActivationStats]
     gradients: GradientStats | None = None
+    losses: dict[str, LossWindow] = field(default_factory=dict)
 
     def activation_metrics(self, prefix: str = "") -> dict[str, float]:
         """Flatten activations to ``{"<prefix><statistic>/<layer>": value}`` for a logger."""

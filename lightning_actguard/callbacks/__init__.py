@@ -1,6 +1,8 @@
 """Lightning callbacks of lightning-actguard."""
 
 from lightning_actguard.callbacks.activation_monitor import ActivationMonitor
+from lightning_actguard.callbacks.dead_relu_guard import DeadReLUGuard
 from lightning_actguard.callbacks.gradient_monitor import GradientMonitor
+from lightning_actguard.callbacks.loss_plateau_guard import LossPlateauGuard
 
-__all__ = ["ActivationMonitor", "GradientMonitor"]
+__all__ = ["ActivationMonitor", "DeadReLUGuard", "GradientMonitor", "LossPlateauGuard"]

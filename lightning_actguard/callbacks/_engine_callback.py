@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -129,7 +129,10 @@ class EngineCallback(Callback):
     ) -> None:
         if self._engine is None:
             return
-        snapshot = self._engine.end_batch((trainer.current_epoch, batch_idx), trainer.global_step)
+        batch_key = (trainer.current_epoch, batch_idx)
+        if self._engine.losses:
+            self._engine.add_losses(batch_key, loss_values(trainer, outputs, self._engine.losses))
+        snapshot = self._engine.end_batch(batch_key, trainer.global_step)
         if snapshot is not None:
             self.on_window(trainer, pl_module, snapshot)
 
@@ -154,6 +157,23 @@ class EngineCallback(Callback):
             self._last_snapshot = self._engine.latest
             self._engine.release(self)
             self._engine = None
+
+
+def loss_values(trainer: pl.Trainer, outputs: Any, metrics: Iterable[str]) -> dict[str, Tensor]:
+    """This batch's value of each metric: ``""`` is the loss ``training_step`` returned.
+
+    Metrics that are not there (not logged yet, or a training step that returned nothing) are
+    left out.
+    """
+    values = {}
+    for metric in metrics:
+        if metric:
+            value = trainer.callback_metrics.get(metric)
+        else:
+            value = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(value, Tensor):
+            values[metric] = value
+    return values
 
 
 def _strategy_sum(trainer: pl.Trainer) -> Callable[[Tensor], Tensor]:
