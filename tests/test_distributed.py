@@ -11,7 +11,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_actguard import ActivationMonitor, GradientMonitor
+from lightning_actguard import ActivationMonitor, DeadReLUGuard, GradientMonitor, LossPlateauGuard
 
 
 def rank_inputs(rank, samples=16):
@@ -81,3 +81,46 @@ def test_statistics_are_reduced_across_ranks_before_logging(tmp_path):
     with open(tmp_path / "ddp" / "version_0" / "metrics.csv") as file:
         logged = [float(row["act_dead_frac/act"]) for row in csv.DictReader(file) if row.get("act_dead_frac/act")]
     assert logged == pytest.approx([1 / 3, 1 / 3])
+
+
+class RankDependentLoss(ReluOnInputs):
+    """Rank 1's loss jumps tenfold after the first window; rank 0's stays at 1.
+
+    Across both ranks the mean loss goes from 1 to 5.5, over three times its best: divergence.
+    Rank 0 alone sees nothing. Its ReLU sees two dead units of three (unit 1 fires on rank 1 only),
+    above a threshold of 0.5 on its own, but across ranks only one of three is dead.
+    """
+
+    def training_step(self, batch, batch_idx):
+        self.act(batch[0])
+        jump = 10.0 if self.global_rank == 1 and self.global_step >= 2 else 1.0
+        return sum(parameter.sum() for parameter in self.head.parameters()) * 0 + jump
+
+
+class RecordLearningRate(pl.Callback):
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module):
+        record = {"lr": trainer.optimizers[0].param_groups[0]["lr"], "global_step": trainer.global_step}
+        (self.directory / f"lr{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def test_guards_decide_on_statistics_reduced_across_ranks(tmp_path):
+    plateau = LossPlateauGuard(action="reduce_lr", smoothing=0.0, every_n_steps=2, cooldown=100, print_summary=False)
+    dead = DeadReLUGuard(threshold=0.5, action="stop", every_n_steps=2, print_summary=False)
+    trainer = tiny_trainer(
+        tmp_path,
+        strategy="ddp_spawn",
+        devices=2,
+        max_steps=4,
+        use_distributed_sampler=False,
+        logger=False,
+        callbacks=[plateau, dead, RecordLearningRate(tmp_path)],
+    )
+    trainer.fit(RankDependentLoss())  # the guards' warnings are raised in the spawned processes
+
+    # Both ranks lowered the rate at step 4 (divergence of the mean loss), and neither stopped although
+    # rank 0's own dead fraction (2/3) is above the dead-unit guard's threshold.
+    records = [json.loads((tmp_path / f"lr{rank}.json").read_text()) for rank in (0, 1)]
+    assert records[0] == records[1] == {"lr": 0.005, "global_step": 4}
