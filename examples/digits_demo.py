@@ -4,6 +4,8 @@ The model mixes ReLU layers with one Tanh layer. ActivationMonitor measures ever
 on every training batch, logs per-layer statistics (dead units, zero and saturated shares,
 input and output mean/std, histograms) to TensorBoard and prints a per-layer table when
 training ends; GradientMonitor does the same for each layer's gradient norm and update ratio.
+DeadReLUGuard and LossPlateauGuard watch the same numbers and warn, with a diagnosis, when
+most units of a layer die or the loss stalls or diverges.
 
 Run from the repository root (CPU, well under a minute; the dataset ships with scikit-learn):
 
@@ -24,7 +26,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_actguard import ActivationMonitor, GradientMonitor
+from lightning_actguard import ActivationMonitor, DeadReLUGuard, GradientMonitor, LossPlateauGuard
 
 UNHEALTHY_LR = 0.05  # far too high for Adam on this problem
 
@@ -116,7 +118,13 @@ def main() -> None:
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         log_every_n_steps=10,  # 23 steps an epoch: several monitor windows even in a short run
-        callbacks=[ActivationMonitor(histogram_every_n_steps=50), GradientMonitor(histogram_every_n_steps=50)],
+        callbacks=[
+            ActivationMonitor(histogram_every_n_steps=50),
+            GradientMonitor(histogram_every_n_steps=50),
+            # Warn only, so the demo shows what the guards see without changing the run.
+            DeadReLUGuard(action="warn"),
+            LossPlateauGuard(patience=100, action="warn"),
+        ],
         logger=TensorBoardLogger(args.logdir, name="digits"),
         enable_checkpointing=False,
         enable_model_summary=False,
