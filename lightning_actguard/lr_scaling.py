@@ -18,12 +18,14 @@ schedulers) is scaled. Per scheduler type, these are scaled too:
   rate carries on by itself; their ``base_lrs`` are scaled for the steps that start over from them
   (a ``SequentialLR`` switching to the next scheduler, ``step(epoch)``).
 * ``LambdaLR``: ``base_lrs`` (each rate is ``base_lr * lr_lambda(step)``).
-* ``CosineAnnealingLR``, ``CosineAnnealingWarmRestarts``: ``base_lrs`` and ``eta_min``.
+* ``CosineAnnealingLR``, ``CosineAnnealingWarmRestarts``: ``base_lrs`` (the top of the cosine) and
+  ``eta_min`` (its bottom).
 * ``OneCycleLR``: ``base_lrs`` and the param group keys ``max_lr`` and ``min_lr`` (the peak and
-  the end of the cycle).
+  the end of the cycle; ``initial_lr`` is its start).
 * ``CyclicLR``: ``base_lrs`` and ``max_lrs`` (the bottom and the top of each cycle).
 * ``ReduceLROnPlateau``: ``min_lrs`` (the floor of each group; left as it was, it would stop the
-  next reductions at the old floor), ``eps`` and ``default_min_lr``.
+  next reductions at the old floor), ``eps`` (the smallest change it makes) and ``default_min_lr``
+  (the floor it gives every group once a param group is added).
 * ``SWALR`` (``torch.optim.swa_utils``): ``base_lrs`` and the param group key ``swa_lr``.
 * ``SequentialLR``, ``ChainedScheduler``: the schedulers inside them, each as above.
 
@@ -35,11 +37,13 @@ Limitations:
   factors differ, they are left as they are: a cosine schedule then still falls (or climbs back)
   to the old ``eta_min`` at the bottom of each cosine, so near the bottom the reduction shrinks
   toward none, and ``ReduceLROnPlateau`` may skip or make a last tiny reduction that the
-  unreduced schedule would not have, when the change is about ``eps``.
-* A scheduler type not listed above (including a subclass of a listed one) gets its ``base_lrs``
-  and its last reported rates scaled, which keeps the lower rate for schedulers that compute the
-  rate from ``base_lrs`` or from the current rate. Anything else it stored is left alone, without
-  an error: :func:`unsupported_schedulers` names such types so that the caller can say so.
+  unreduced schedule would not have, when the change is about ``eps``; once a param group is
+  added, its floors go back to the old ``default_min_lr``.
+* A scheduler type not listed above gets its ``base_lrs`` and its last reported rates scaled,
+  which keeps the lower rate for schedulers that compute the rate from ``base_lrs`` or from the
+  current rate. Anything else it stored is left alone, without an error. A subclass of a listed
+  type is scaled as that type, which is right only if it computes the rate the same way.
+  :func:`unsupported_schedulers` names both kinds, so that the caller can say so.
 * Schedulers built after the call start from their own arguments (a ``OneCycleLR`` built later
   uses the ``max_lr`` it is given), and schedulers of optimizers that were not passed in are left
   alone.

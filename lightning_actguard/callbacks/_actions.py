@@ -12,7 +12,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from lightning_actguard.lr_scaling import scale_learning_rates
+from lightning_actguard.lr_scaling import scale_learning_rates, unsupported_schedulers
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,16 @@ def reduce_lr(situation: Situation) -> Outcome:
         nothing = f"learning rate already at min_lr={situation.min_lr:g}: nothing lowered"
         return Outcome("warning", nothing, changed=False)
     described = ", ".join(f"optimizer {c.optimizer} group {c.group}: {c.old:.3g} -> {c.new:.3g}" for c in changes)
+    outcome = f"lowered the learning rate ({described})"
+    unknown = unsupported_schedulers(schedulers)
+    if unknown:
+        outcome += f"; {', '.join(unknown)} may overwrite it: this scheduler type is not covered"
     undo = (
-        "multiply the learning rates back, e.g. lightning_actguard.lr_scaling.scale_learning_rates("
-        f"trainer.optimizers, schedulers, {1 / situation.factor:g}), or resume from a checkpoint taken before step "
-        f"{situation.step}"
+        "raise each group back with lightning_actguard.lr_scaling.scale_learning_rates(trainer.optimizers, schedulers, "
+        f"old / new) ({', '.join(f'optimizer {c.optimizer} group {c.group} back to {c.old:.3g}' for c in changes)}), "
+        f"or resume from a checkpoint taken before step {situation.step}"
     )
-    return Outcome("action", f"lowered the learning rate ({described})", undo)
+    return Outcome("action", outcome, undo)
 
 
 def stop(situation: Situation) -> Outcome:
