@@ -167,6 +167,10 @@ class GradientStats:
         metrics[f"{prefix}grad_skipped_steps"] = float(self.skipped_steps)
         return metrics
 
+    def histograms(self, prefix: str = "") -> dict[str, Histogram]:
+        """``{"<prefix>grad_hist/<layer>": histogram}`` for the layers that have one."""
+        return {f"{prefix}grad_hist/{name}": layer.histogram for name, layer in self.layers.items() if layer.histogram}
+
 
 #: Logged gradient statistic -> what it means.
 GRADIENT_STATISTICS: dict[str, str] = {
@@ -206,6 +210,14 @@ class WindowSnapshot:
             f"{prefix}{statistic}/{name}": value
             for name, layer in self.activations.items()
             for statistic, value in layer.metrics()
+        }
+
+    def activation_histograms(self, prefix: str = "") -> dict[str, Histogram]:
+        """``{"<prefix>act_out_hist/<layer>": histogram}`` for the layers that have one."""
+        return {
+            f"{prefix}act_out_hist/{name}": layer.histogram
+            for name, layer in self.activations.items()
+            if layer.histogram
         }
 
 

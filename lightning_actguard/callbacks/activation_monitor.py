@@ -154,12 +154,8 @@ class ActivationMonitor(EngineCallback):
     @override
     def on_window(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: WindowSnapshot) -> None:
         prefix = self.log_key_prefix
-        histograms = {
-            f"{prefix}act_out_hist/{name}": layer.histogram
-            for name, layer in snapshot.activations.items()
-            if layer.histogram is not None
-        }
-        _loggers.write_window(trainer, snapshot.activation_metrics(prefix), histograms, _compat.logger_step(trainer))
+        metrics, histograms = snapshot.activation_metrics(prefix), snapshot.activation_histograms(prefix)
+        _loggers.write_window(trainer, metrics, histograms, _compat.logger_step(trainer))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

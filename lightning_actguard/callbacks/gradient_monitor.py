@@ -145,12 +145,8 @@ class GradientMonitor(EngineCallback):
         if gradients is None:
             return
         prefix = self.log_key_prefix
-        histograms = {
-            f"{prefix}grad_hist/{name}": layer.histogram
-            for name, layer in gradients.layers.items()
-            if layer.histogram is not None
-        }
-        _loggers.write_window(trainer, gradients.to_metrics(prefix), histograms, _compat.logger_step(trainer))
+        metrics, histograms = gradients.to_metrics(prefix), gradients.histograms(prefix)
+        _loggers.write_window(trainer, metrics, histograms, _compat.logger_step(trainer))
         if self.warn:
             self._warn_once(snapshot)
 
