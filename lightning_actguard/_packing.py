@@ -10,13 +10,18 @@ ReduceSum = Callable[[Tensor], Tensor]
 
 
 class FlatReader:
-    """Hands out consecutive slices of a flat tensor, in the order the pieces were packed."""
+    """Hands out consecutive runs of the values read back, in the order the pieces were packed.
+
+    The values are a plain list: the flat tensor is turned into Python numbers once, so reading
+    a window costs one device-to-host copy however many layers there are.
+    """
 
     def __init__(self, flat: Tensor) -> None:
-        self.flat, self.offset = flat, 0
+        self.values: list[float] = flat.tolist()
+        self.offset = 0
 
-    def __call__(self, length: int) -> Tensor:
+    def __call__(self, length: int) -> list[float]:
         """The next ``length`` values."""
-        piece = self.flat[self.offset : self.offset + length]
+        piece = self.values[self.offset : self.offset + length]
         self.offset += length
         return piece

@@ -8,6 +8,8 @@ product (for ``s = sign(v)``: ``sum(s)`` is #positive - #negative and ``dot(s, s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -97,17 +99,24 @@ def unit_maxima(output: Tensor, reduce_dims: tuple[int, ...]) -> Tensor:
     return maxima.reshape(-1).float()
 
 
-def histogram_edges(spec: ActivationSpec, device: torch.device | str = "cpu") -> Tensor:
-    """Fixed bucket edges for one activation's histograms.
+@functools.cache
+def histogram_limits(spec: ActivationSpec) -> tuple[float, ...]:
+    """Fixed bucket edges for one activation's histograms, as plain numbers.
 
     64 even buckets between the bounds of a bounded activation; otherwise 0 and ±10^k for k
     from -4 to 4, eight buckets a decade. Fixed, data-independent edges let the buckets be
     counted on the device without first reading the minimum and maximum back to the host.
     """
     if spec.bounds is not None:
-        return torch.linspace(*spec.bounds, 65, device=device)
-    positive = torch.logspace(-4, 4, 65, device=device)
-    return torch.cat((-positive.flip(0), torch.zeros(1, device=device), positive))
+        low, high = spec.bounds
+        return tuple(low + (high - low) * index / 64 for index in range(65))
+    positive = [10 ** (-4 + index / 8) for index in range(65)]
+    return (*(-edge for edge in reversed(positive)), 0.0, *positive)
+
+
+def histogram_edges(spec: ActivationSpec, device: torch.device | str = "cpu") -> Tensor:
+    """:func:`histogram_limits` as a tensor on ``device`` (made once per layer, not per step)."""
+    return torch.tensor(histogram_limits(spec), device=device)
 
 
 def histogram_counts(output: Tensor, edges: Tensor) -> Tensor:

@@ -266,8 +266,8 @@ class ActivationCollector:
     def unpack(self, take: FlatReader) -> list[ActivationStats]:
         """Statistics from the reduced values of the last :meth:`pack`, read with ``take``."""
         sites = self._packed_sites
-        totals = take(len(sites) * len(_FIELDS)).view(len(sites), len(_FIELDS)).tolist()
-        counts = take(2 * len(sites)).view(len(sites), 2).tolist()
+        totals = [take(len(_FIELDS)) for _ in sites]
+        counts = [take(2) for _ in sites]
         fired = [take(site.unit_max.numel()) for site in sites]  # type: ignore[union-attr]
         histograms = [
             None if site.histogram is None else histogram_from_packed(take(site.histogram.numel()), site.layer.spec)
@@ -301,18 +301,18 @@ def _layer_stats(
     totals: dict[str, float],
     out_n: float,
     in_n: float,
-    unit_fired: Tensor,
+    unit_fired: list[float],
     histogram: Histogram | None,
 ) -> ActivationStats:
     out_mean, out_std = mean_and_std(totals["out_sum"], totals["out_sumsq"], out_n)
     in_mean, in_std = mean_and_std(totals["in_sum"], totals["in_sumsq"], in_n)
-    dead = unit_fired == 0
-    units = dead.numel()
+    dead = [fired == 0 for fired in unit_fired]
+    units = len(dead)
     return ActivationStats(
         name=name,
         kind=site.layer.spec.kind,
         units=units,
-        dead_frac=dead.sum().item() / units if units else 0.0,
+        dead_frac=sum(dead) / units if units else 0.0,
         zero_frac=totals["off"] / out_n if out_n else 0.0,
         saturated_frac=totals["saturated"] / out_n if out_n and site.layer.spec.bounds is not None else None,
         out_mean=out_mean,
@@ -320,7 +320,7 @@ def _layer_stats(
         in_mean=in_mean,
         in_std=in_std,
         nonfinite=round(totals["nonfinite"]),
-        dead_units=dead,
+        dead_units=torch.tensor(dead, dtype=torch.bool),
         histogram=histogram,
     )
 

@@ -253,14 +253,14 @@ class GradientCollector:
         if not self._buffers:
             return None
         layers = len(self.layer_names)
-        squares, nonfinite = take(layers).tolist(), take(layers).tolist()
-        totals = dict(zip(_TOTALS, take(len(_TOTALS)).tolist(), strict=True))
-        changes, sizes = take(layers).tolist(), take(layers).tolist()
+        squares, nonfinite = take(layers), take(layers)
+        totals = dict(zip(_TOTALS, take(len(_TOTALS)), strict=True))
+        changes, sizes = take(layers), take(layers)
         histograms: dict[str, Histogram] = {}
         if self._packed_histograms:
             width = 2 + self._edges.numel() + 1  # type: ignore[union-attr]
-            for name, row in zip(self.layer_names, take(layers * width).view(layers, width), strict=True):
-                histograms[name] = histogram_from_packed(row, _UNBOUNDED)
+            for name in self.layer_names:
+                histograms[name] = histogram_from_packed(take(width), _UNBOUNDED)
         replicas = 1 if self.sharded else world_size
         counts = world_size  # every process counts the same steps
         steps = totals["steps"] / counts

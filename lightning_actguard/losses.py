@@ -64,7 +64,7 @@ class LossTracker:
         """The window's loss from the reduced values of the last :meth:`pack`."""
         if self._totals is None:
             return None
-        total, count, nonfinite = take(3).tolist()
+        total, count, nonfinite = take(3)
         return LossWindow(mean=total / count if count else math.nan, count=round(count), nonfinite=round(nonfinite))
 
     def reset(self) -> None:

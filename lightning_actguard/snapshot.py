@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -221,19 +221,18 @@ class WindowSnapshot:
         }
 
 
-def histogram_from_packed(packed: Tensor, spec: ActivationSpec) -> Histogram:
+def histogram_from_packed(packed: Sequence[float], spec: ActivationSpec) -> Histogram:
     """A :class:`Histogram` from ``[sum, sum of squares, *bucket counts]`` read back from the device.
 
-    The buckets are those of :func:`lightning_actguard._stats.histogram_edges` for ``spec``.
+    The buckets are those of :func:`lightning_actguard._stats.histogram_limits` for ``spec``.
     """
-    total, total_squares = packed[:2].tolist()
-    counts = packed[2:]
-    limits = torch.cat((_stats.histogram_edges(spec), torch.tensor([torch.finfo(torch.float32).max])))
-    nonempty = torch.nonzero(counts).flatten()
-    if nonempty.numel() == 0:
+    total, total_squares, *counts = packed
+    limits = [*_stats.histogram_limits(spec), torch.finfo(torch.float32).max]
+    nonempty = [index for index, count in enumerate(counts) if count]
+    if not nonempty:
         return Histogram(0.0, 0.0, 0.0, total, total_squares, [], [])
-    first, last = int(nonempty[0]), int(nonempty[-1])
-    lowest, highest = float(limits[first - 1]) if first > 0 else float(limits[0]), float(limits[last])
+    first, last = nonempty[0], nonempty[-1]
+    lowest, highest = limits[first - 1] if first > 0 else limits[0], limits[last]
     if spec.hard_floor:
         lowest = max(lowest, spec.floor)
     if spec.bounds is not None:
@@ -241,11 +240,11 @@ def histogram_from_packed(packed: Tensor, spec: ActivationSpec) -> Histogram:
     return Histogram(
         minimum=lowest,
         maximum=highest,
-        count=float(counts.sum()),
+        count=float(sum(counts)),
         total=total,
         total_squares=total_squares,
-        limits=limits[first : last + 1].tolist(),
-        counts=counts[first : last + 1].tolist(),
+        limits=limits[first : last + 1],
+        counts=counts[first : last + 1],
     )
 
 

@@ -218,7 +218,7 @@ def test_histogram_buckets_match_torch_histogram():
         ((outputs > low) & (outputs <= high)).sum().item() for low, high in zip(lower, histogram.limits, strict=True)
     ]
     assert histogram.counts == expected
-    assert set(histogram.limits) <= set(_stats.histogram_edges(spec_for(nn.ReLU())).tolist())
+    assert set(histogram.limits) <= set(_stats.histogram_limits(spec_for(nn.ReLU())))
 
 
 def test_detach_removes_every_hook_and_the_model_pickles():
