@@ -155,6 +155,11 @@ class Engine:
         self._agree("histograms", every_n_steps, consumer)
         self.histogram_every_n_steps = every_n_steps
 
+    def state_bytes(self) -> int:
+        """Bytes of device memory the engine's buffers hold: a few numbers per layer and one per unit."""
+        sources = [self.activations, self.gradients, *self.losses.values()]
+        return sum(piece.numel() * piece.element_size() for source in sources if source for piece in source.pack())
+
     def release(self, consumer: object) -> None:
         """Drop ``consumer``; the last one out removes every hook. Safe to call twice."""
         self._consumers.pop(id(consumer), None)

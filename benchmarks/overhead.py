@@ -1,0 +1,189 @@
+"""What lightning-actguard costs: mean step time with its callbacks over a plain Lightning run.
+
+Plain script, not a test. Each configuration trains the same model from the same seed in the
+same process; the configurations are interleaved in rounds so that a slow moment of the machine
+is shared among them. A run's time is the total over its measured steps (after a warm-up), so the
+expensive window-closing steps are counted in full; the ratio is against the plain run.
+
+    python benchmarks/overhead.py            # the table in the README
+    python benchmarks/overhead.py --quick    # a short smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_actguard import ActivationMonitor, DeadReLUGuard, GradientMonitor, LossPlateauGuard
+from lightning_actguard.engine import engine_for
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        return nn.functional.cross_entropy(self.net(inputs), targets)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def mlp(depth: int, width: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def cnn() -> nn.Module:
+    channels = [3, 32, 32, 64, 64]
+    layers: list[nn.Module] = []
+    for cin, cout in zip(channels, channels[1:], strict=False):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+class Naive(pl.Callback):
+    """What everyone writes first: per-layer statistics read back with .item() every step."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.values: dict[str, float] = {}
+        self.handles = [
+            module.register_forward_hook(self._hook(name))
+            for name, module in pl_module.named_modules()
+            if isinstance(module, nn.ReLU)
+        ]
+
+    def _hook(self, name: str) -> Callable:
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if module.training:
+                self.values[f"mean/{name}"] = output.mean().item()
+                self.values[f"std/{name}"] = output.std().item()
+                self.values[f"zero/{name}"] = (output == 0).float().mean().item()
+
+        return record
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class StepTimer(pl.Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.state_bytes = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.warmup and not hasattr(self, "start"):
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seconds_per_step = (time.perf_counter() - self.start) / (trainer.global_step - self.warmup)
+        engine = engine_for(pl_module)
+        self.state_bytes = engine.state_bytes() if engine is not None else 0
+
+
+def everything(histograms: bool = False) -> list[pl.Callback]:
+    every = 100 if histograms else None
+    return [
+        ActivationMonitor(histogram_every_n_steps=every, print_summary=False),
+        GradientMonitor(histogram_every_n_steps=every, print_summary=False),
+        DeadReLUGuard(print_summary=False),
+        LossPlateauGuard(print_summary=False),
+    ]
+
+
+CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
+    "plain": list,
+    "naive .item() per layer": lambda: [Naive()],
+    "ActivationMonitor": lambda: [ActivationMonitor(print_summary=False)],
+    "GradientMonitor": lambda: [GradientMonitor(print_summary=False)],
+    "everything": everything,
+    "everything + histograms": lambda: everything(histograms=True),
+}
+
+
+def run(make_net: Callable[[], nn.Module], data: TensorDataset, batch: int, callbacks: list, steps: int, warmup: int):
+    torch.manual_seed(0)
+    timer = StepTimer(warmup)
+    trainer = pl.Trainer(
+        max_steps=warmup + steps,
+        callbacks=[*callbacks, timer],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=50,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(Classifier(make_net()), DataLoader(data, batch_size=batch, shuffle=False))
+    return timer.seconds_per_step, timer.state_bytes
+
+
+def measure(name: str, make_net, shape, batch, configs, rounds, steps, warmup) -> list[tuple]:
+    data = TensorDataset(torch.randn(batch * 8, *shape), torch.randint(0, 10, (batch * 8,)))
+    times: dict[str, list[float]] = {config: [] for config in configs}
+    memory: dict[str, int] = {}
+    for _ in range(rounds):
+        for config in configs:
+            seconds, state = run(make_net, data, batch, CONFIGS[config](), steps, warmup)
+            times[config].append(seconds)
+            memory[config] = state
+    plain = statistics.fmean(times["plain"])
+    return [
+        (name, config, 1000 * statistics.fmean(t), statistics.fmean(t) / plain, memory[config])
+        for config, t in times.items()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=150, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="1 round of 20 steps, for a smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 1, 20, 3
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.set_num_threads(torch.get_num_threads())
+    rows = []
+    rows += measure("MLP 8x512, batch 256", lambda: mlp(8, 512), (512,), 256, list(CONFIGS), **vars_of(args))
+    rows += measure("CNN 4 conv, batch 128", cnn, (3, 32, 32), 128, list(CONFIGS), **vars_of(args))
+    for depth in (8, 32, 128):
+        rows += measure(
+            f"MLP {depth}x128, batch 256",
+            lambda depth=depth: mlp(depth, 128),
+            (128,),
+            256,
+            ["plain", "everything"],
+            **vars_of(args),
+        )
+    print(f"\ntorch {torch.__version__}, Lightning {pl.__version__}, {torch.get_num_threads()} threads")
+    print("| model | configuration | mean step (ms) | ratio to plain | engine state (bytes) |")
+    print("|---|---|---|---|---|")
+    for model, config, milliseconds, ratio, state in rows:
+        print(f"| {model} | {config} | {milliseconds:.2f} | {ratio:.3f} | {state:,} |")
+
+
+def vars_of(args: argparse.Namespace) -> dict[str, int]:
+    return {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup}
+
+
+if __name__ == "__main__":
+    main()
