@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_actguard import ActivationMonitor, DeadReLUGuard, GradientMonitor, LossPlateauGuard
-from lightning_actguard.engine import engine_for
+from lightning_actguard.engine import DEFAULT_OVERHEAD_BUDGET, engine_for
 
 
 class Classifier(pl.LightningModule):
@@ -48,11 +48,20 @@ def mlp(depth: int, width: int) -> nn.Module:
 
 
 def cnn() -> nn.Module:
-    channels = [3, 32, 32, 64, 64]
-    layers: list[nn.Module] = []
-    for cin, cout in zip(channels, channels[1:], strict=False):
-        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
 
 
 class Naive(pl.Callback):
@@ -95,11 +104,11 @@ class StepTimer(pl.Callback):
         self.state_bytes = engine.state_bytes() if engine is not None else 0
 
 
-def everything(histograms: bool = False) -> list[pl.Callback]:
+def everything(histograms: bool = False, budget: float | None = DEFAULT_OVERHEAD_BUDGET) -> list[pl.Callback]:
     every = 100 if histograms else None
     return [
-        ActivationMonitor(histogram_every_n_steps=every, print_summary=False),
-        GradientMonitor(histogram_every_n_steps=every, print_summary=False),
+        ActivationMonitor(histogram_every_n_steps=every, overhead_budget=budget, print_summary=False),
+        GradientMonitor(histogram_every_n_steps=every, overhead_budget=budget, print_summary=False),
         DeadReLUGuard(print_summary=False),
         LossPlateauGuard(print_summary=False),
     ]
@@ -108,14 +117,17 @@ def everything(histograms: bool = False) -> list[pl.Callback]:
 CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     "plain": list,
     "naive .item() per layer": lambda: [Naive()],
+    "everything, every batch (overhead_budget=None)": lambda: everything(budget=None),
     "ActivationMonitor": lambda: [ActivationMonitor(print_summary=False)],
     "GradientMonitor": lambda: [GradientMonitor(print_summary=False)],
-    "everything": everything,
-    "everything + histograms": lambda: everything(histograms=True),
+    "everything (defaults)": everything,
+    "everything + histograms every 100 steps": lambda: everything(histograms=True),
 }
 
 
-def run(make_net: Callable[[], nn.Module], data: TensorDataset, batch: int, callbacks: list, steps: int, warmup: int):
+def run(
+    make_net: Callable[[], nn.Module], data: TensorDataset, batch: int, callbacks: list, steps: int, warmup: int
+) -> tuple[float, int]:
     torch.manual_seed(0)
     timer = StepTimer(warmup)
     trainer = pl.Trainer(

@@ -9,6 +9,7 @@ transfer, however many layers there are.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -89,11 +90,14 @@ class ActivationCollector:
         self.saturation_eps = saturation_eps
         self.max_calls_per_module = max_calls_per_module
         self.batches = 0
+        #: Seconds spent measuring inside the hooks (host time; on a GPU, the time to queue the work).
+        self.seconds = 0.0
         self._layers: dict[int, ActivationLayer] = {}
         self._handles: list[RemovableHandle] = []
         self._sites: dict[tuple[int, int], _Site] = {}
         self._calls: dict[int, int] = {}
         self._collecting = False
+        self._measuring = False
         self._want_histograms = False
         self._failed: set[int] = set()
         self._warn = WarnOnce()
@@ -130,20 +134,20 @@ class ActivationCollector:
 
     # ------------------------------------------------------------------ batches
 
-    def start_batch(self, histograms: bool = False) -> None:
-        """Start counting a training batch; with ``histograms`` also bucket its outputs."""
+    def start_batch(self, histograms: bool = False, measure: bool = True) -> None:
+        """Start a training batch: count it if ``measure``; with ``histograms`` also bucket its outputs."""
         self._calls.clear()
-        self._collecting = True
+        self._measuring = self._collecting = measure
         self._want_histograms = histograms
-        self.batches += 1
+        self.batches += measure
 
     def pause(self) -> None:
         """Stop counting forwards (for example recomputations during backward)."""
         self._collecting = False
 
     def resume(self) -> None:
-        """Count forwards again after :meth:`pause`."""
-        self._collecting = True
+        """Count forwards again after :meth:`pause`, if this batch is measured."""
+        self._collecting = self._measuring
 
     def end_batch(self) -> None:
         """Stop counting until the next :meth:`start_batch`."""
@@ -173,12 +177,14 @@ class ActivationCollector:
         site = self._site(module, call)
         if site is None or not args or not isinstance(args[0], Tensor):
             return
+        start = time.perf_counter()
         try:
             inputs = args[0]
             site.buffers(inputs)[_IN].add_(_stats.input_totals(inputs))
             site.in_elements += inputs.numel()
         except Exception as error:
             self._give_up(module, error)
+        self.seconds += time.perf_counter() - start
 
     def _after_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not self._collecting or not isinstance(output, Tensor):
@@ -186,10 +192,12 @@ class ActivationCollector:
         site = self._site(module, self._calls.get(id(module), 1) - 1)
         if site is None:
             return
+        start = time.perf_counter()
         try:
             self._measure_output(site, output)
         except Exception as error:
             self._give_up(module, error)
+        self.seconds += time.perf_counter() - start
 
     def _measure_output(self, site: _Site, output: Tensor) -> None:
         spec = site.layer.spec

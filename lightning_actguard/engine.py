@@ -10,6 +10,8 @@ engine also decides when a window closes: at every optimizer step that is a mult
 
 from __future__ import annotations
 
+import math
+import time
 import weakref
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
@@ -26,6 +28,10 @@ from lightning_actguard.losses import LossTracker
 from lightning_actguard.snapshot import WindowSnapshot
 
 __all__ = ["ActivationSettings", "Engine", "GradientSettings", "acquire", "engine_for"]
+
+#: Share of the training step time the measuring may take before it samples fewer batches.
+DEFAULT_OVERHEAD_BUDGET = 0.02
+_MAX_SAMPLE_EVERY = 1000
 
 _ENGINES: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary()
 
@@ -72,6 +78,14 @@ class Engine:
         self._windows = 0
         self._batches = 0
         self._histogram_window = False
+        self.overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET
+        self.sample_every = 1
+        self._measuring = True
+        self._measured_batches = 0
+        self._wall = 0.0
+        self._intervals = 0
+        self._batch_started: float | None = None
+        self._read_back_seconds = 0.0
 
     @property
     def consumers(self) -> list[str]:
@@ -134,6 +148,15 @@ class Engine:
                 model, thresholds=chosen.thresholds, update_ratio=chosen.update_ratio, sharded=sharded
             )
 
+    def use_overhead_budget(self, consumer: object, budget: float | None) -> None:
+        """Measure activations and gradients on fewer batches when they cost more than ``budget``.
+
+        ``budget`` is a share of the training step time (0.02: 2%); ``None`` measures every batch.
+        A value equal to :data:`DEFAULT_OVERHEAD_BUDGET` gives way to any other consumer's choice.
+        """
+        self._agree("overhead budget", budget, consumer, explicit=budget != DEFAULT_OVERHEAD_BUDGET)
+        self.overhead_budget = self._settings["overhead budget"][0]  # type: ignore[assignment]
+
     def use_loss(self, metric: str | None = None) -> None:
         """Track the training loss (``None``: what ``training_step`` returns) or a logged metric."""
         self.losses.setdefault(metric or "", LossTracker())
@@ -180,12 +203,20 @@ class Engine:
         if batch == self._batch:
             return
         self._batch = batch
+        now = time.perf_counter()
+        if self._batch_started is not None:
+            self._wall += now - self._batch_started
+            self._intervals += 1
+        self._batch_started = now
+        # The first batch of every window is measured, then every `sample_every`-th.
+        self._measuring = self._batches % self.sample_every == 0
+        self._measured_batches += self._measuring
         self._batches += 1
         every = self.histogram_every_n_steps
         closes_at = (self._windows + 1) * self.every_n_steps
         self._histogram_window = every is not None and closes_at % every == 0
         if self.activations is not None:
-            self.activations.start_batch(histograms=self._histogram_window)
+            self.activations.start_batch(histograms=self._histogram_window, measure=self._measuring)
 
     def pause(self) -> None:
         """Stop counting forwards until :meth:`resume` (backward recomputations)."""
@@ -202,7 +233,7 @@ class Engine:
     ) -> None:
         """Measure the gradients ``optimizer`` is about to apply, once per ``step`` and optimizer."""
         key = (step, id(optimizer))
-        if self.gradients is None or key == self._last_optimizer_step:
+        if self.gradients is None or key == self._last_optimizer_step or not self._measuring:
             return
         self._last_optimizer_step = key
         self.gradients.before_step(optimizer, grad_scale=grad_scale, scaler=scaler, histograms=self._histogram_window)
@@ -239,6 +270,37 @@ class Engine:
 
     def close_window(self, step: int) -> WindowSnapshot:
         """Read the current window now: one reduction, one copy to the host, for everything measured."""
+        start = time.perf_counter()
+        snapshot = self._read_window(step)
+        self._read_back_seconds = time.perf_counter() - start
+        self._choose_sampling()
+        return snapshot
+
+    def _choose_sampling(self) -> None:
+        """Pick how many batches apart to measure, so that measuring stays within the overhead budget.
+
+        The cost of a measured batch (the hooks' time plus the window's read-back, spread over
+        the measured batches) is compared with the time of a training batch without it.
+        """
+        collectors = [source for source in (self.activations, self.gradients) if source is not None]
+        work = sum(source.seconds for source in collectors)
+        for source in collectors:
+            source.seconds = 0.0
+        measured, batches, intervals, wall = self._measured_batches, self._batches_closed, self._intervals, self._wall
+        self._measured_batches, self._wall, self._intervals = 0, 0.0, 0
+        if self.overhead_budget is None:
+            self.sample_every = 1
+            return
+        if not measured or not intervals:
+            return
+        per_measured = (work + self._read_back_seconds) / measured
+        plain_batch = wall / intervals - work / batches
+        if plain_batch <= 0:
+            return
+        wanted = math.ceil(per_measured / (self.overhead_budget * plain_batch))
+        self.sample_every = min(max(wanted, 1), _MAX_SAMPLE_EVERY)
+
+    def _read_window(self, step: int) -> WindowSnapshot:
         sources: list[tuple[str, _Source]] = [("activations", self.activations), ("gradients", self.gradients)]  # type: ignore[list-item]
         sources += [(f"loss:{metric}", tracker) for metric, tracker in self.losses.items()]
         sources = [(name, source) for name, source in sources if source is not None]
@@ -259,13 +321,14 @@ class Engine:
         self.latest = WindowSnapshot(
             step=step,
             batches=self._batches,
+            measured_batches=self._measured_batches,
             activations={layer.name: layer for layer in results.get("activations", [])},  # type: ignore[attr-defined]
             gradients=results.get("gradients"),  # type: ignore[arg-type]
             losses={name[len("loss:") :]: value for name, value in results.items() if name.startswith("loss:")},  # type: ignore[misc]
         )
         self._last_closed_step = step
         self._windows += 1
-        self._batches = 0
+        self._batches_closed, self._batches = self._batches, 0
         return self.latest
 
 

@@ -13,6 +13,7 @@ order from input to output.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -95,6 +96,8 @@ class GradientCollector:
         self._edges: Tensor | None = None
         self._warn = WarnOnce()
         self._packed_histograms = False
+        #: Seconds spent measuring (host time; on a GPU, the time to queue the work).
+        self.seconds = 0.0
 
     def _index_layers(self, model: nn.Module) -> None:
         seen: set[int] = set()
@@ -155,6 +158,7 @@ class GradientCollector:
         pairs = [(p, layer) for p, layer in pairs if p.grad is not None and not p.grad.is_sparse]
         if not pairs:
             return
+        start = time.perf_counter()
         try:
             self._add_norms(pairs, grad_scale, scaler)
             if self._measure_update_next:
@@ -163,6 +167,7 @@ class GradientCollector:
                 self._histograms = self._bucket(pairs, grad_scale)
         except Exception as error:
             self._warn(f"Measuring gradients failed at one step and was skipped ({type(error).__name__}: {error}).")
+        self.seconds += time.perf_counter() - start
 
     def _add_norms(self, pairs: list[tuple[nn.Parameter, int]], grad_scale: Tensor | None, scaler: bool) -> None:
         grads = [p.grad for p, _ in pairs]
@@ -226,6 +231,7 @@ class GradientCollector:
         if measured is None:
             return
         params, before, layers = measured
+        start = time.perf_counter()
         try:
             changes = torch.stack(torch._foreach_norm(torch._foreach_sub(params, before))).float().square()
             sizes = torch.stack(torch._foreach_norm(before)).float().square()
@@ -235,6 +241,7 @@ class GradientCollector:
             self._measure_update_next = False
         except Exception as error:
             self._warn(f"Measuring the update ratio failed and was skipped ({type(error).__name__}: {error}).")
+        self.seconds += time.perf_counter() - start
 
     # ------------------------------------------------------------------ read-back
 

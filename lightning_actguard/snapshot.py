@@ -192,6 +192,8 @@ class WindowSnapshot:
     Attributes:
         step: the optimizer step that closed the window.
         batches: training batches in the window (on this rank).
+        measured_batches: of those, the batches whose activations and gradients were measured (see
+            the overhead budget); the loss is tracked on every batch.
         activations: per-layer activation statistics, in the order the layers first ran.
         gradients: gradient statistics, when a gradient consumer is attached.
         losses: the window's training loss by metric name (``""``: what ``training_step``
@@ -201,6 +203,7 @@ class WindowSnapshot:
     step: int
     batches: int
     activations: dict[str, ActivationStats]
+    measured_batches: int = 0
     gradients: GradientStats | None = None
     losses: dict[str, LossWindow] = field(default_factory=dict)
 

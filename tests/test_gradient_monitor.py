@@ -42,7 +42,7 @@ def test_prints_a_per_layer_gradient_table_at_the_end(tmp_path, capsys):
 def test_accumulated_gradients_are_measured_not_one_micro_batch(tmp_path):
     # Lightning divides each micro-batch's loss by 4, so a step's gradient is the mean over 4
     # micro-batches: for scales 1..4, |g|^2 = 5 * 2.5^2 + 1; for 5..8, 5 * 6.5^2 + 1.
-    monitor = GradientMonitor(every_n_steps=2)
+    monitor = GradientMonitor(every_n_steps=2, overhead_budget=None)
     trainer = tiny_trainer(tmp_path, logger=False, callbacks=[monitor], max_steps=2, accumulate_grad_batches=4)
     trainer.fit(KnownGradientModel(scales=tuple(float(c) for c in range(1, 9))))
 
@@ -69,7 +69,7 @@ def test_fp16_gradient_scaler_fused_adam_and_skipped_steps(tmp_path, fused):
 
     # On the first step, 2^16 * the loss overflows float16: the scaler skips it and halves its scale.
     # Fused Adam unscales inside step(), so its gradients still carry the scale when measured.
-    monitor = GradientMonitor(every_n_steps=4)
+    monitor = GradientMonitor(every_n_steps=4, overhead_budget=None)
     precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
     trainer = tiny_trainer(tmp_path, logger=False, callbacks=[monitor], max_steps=4, plugins=[precision])
     trainer.fit(WithAdam(scales=(1.0,) * 8))
@@ -88,7 +88,7 @@ class InjectsNaN(KnownGradientModel):
 
 
 def test_a_nan_gradient_is_counted_raises_the_flag_and_warns_once(tmp_path):
-    monitor = GradientMonitor(every_n_steps=2)
+    monitor = GradientMonitor(every_n_steps=2, overhead_budget=None)
     trainer = tiny_trainer(tmp_path, logger=False, callbacks=[monitor], max_steps=4)
     with pytest.warns(
         ActGuardWarning, match=r"At step 2: gradients have exploded: 1 optimizer steps got NaN"
@@ -102,7 +102,7 @@ def test_a_nan_gradient_is_counted_raises_the_flag_and_warns_once(tmp_path):
 
 
 def test_a_nan_gradient_in_the_last_window(tmp_path):
-    monitor = GradientMonitor(every_n_steps=2, warn=False)
+    monitor = GradientMonitor(every_n_steps=2, warn=False, overhead_budget=None)
     trainer = tiny_trainer(tmp_path, logger=False, callbacks=[monitor], max_steps=2)
     trainer.fit(InjectsNaN(scales=(1.0,) * 2))
 

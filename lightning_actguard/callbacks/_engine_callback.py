@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_actguard import _compat
-from lightning_actguard.engine import Engine, acquire
+from lightning_actguard.engine import DEFAULT_OVERHEAD_BUDGET, Engine, acquire
 from lightning_actguard.snapshot import WindowSnapshot
 
 _DEFAULT_WINDOW = 50
@@ -28,11 +28,19 @@ class EngineCallback(Callback):
     Args:
         every_n_steps: window length in optimizer steps; ``None`` uses the trainer's
             ``log_every_n_steps``.
+        overhead_budget: share of the step time that measuring activations and gradients may
+            take (default 0.02); the engine measures fewer batches to stay within it. ``None``
+            measures every batch.
     """
 
-    def __init__(self, every_n_steps: int | None = None) -> None:
+    def __init__(
+        self, every_n_steps: int | None = None, overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET
+    ) -> None:
         check_positive_int("every_n_steps", every_n_steps, allow_none=True)
+        if overhead_budget is not None and not 0 < overhead_budget < 1:
+            raise ValueError(f"`overhead_budget` must be in (0, 1) or None, got {overhead_budget!r}.")
         self.every_n_steps = every_n_steps
+        self.overhead_budget = overhead_budget
         self._engine: Engine | None = None
         self._last_snapshot: WindowSnapshot | None = None
 
@@ -84,6 +92,7 @@ class EngineCallback(Callback):
             world_size=trainer.world_size,
         )
         try:
+            self._engine.use_overhead_budget(self, self.overhead_budget)
             self.configure_engine(trainer, pl_module, self._engine)
         except BaseException:
             self._release()

@@ -13,7 +13,7 @@ from lightning_actguard._warnings import ActGuardWarning
 from lightning_actguard.activations import ExtraTypes, LayerPredicate, find_activation_layers, validate_extra_types
 from lightning_actguard.callbacks import _loggers
 from lightning_actguard.callbacks._engine_callback import EngineCallback, check_positive_int
-from lightning_actguard.engine import ActivationSettings, Engine
+from lightning_actguard.engine import DEFAULT_OVERHEAD_BUDGET, ActivationSettings, Engine
 from lightning_actguard.snapshot import WindowSnapshot
 from lightning_actguard.summary import print_summary, summary_table
 
@@ -47,6 +47,7 @@ class ActivationMonitor(EngineCallback):
     ``act_in_mean/std``     mean and standard deviation of the inputs
     ``act_nonfinite``       number of NaN or infinite outputs
     ``act_out_hist``        histogram of one batch's outputs (TensorBoard, when asked for)
+    ``act_measured_batches`` batches of the window that were measured (see ``overhead_budget``)
     ======================  =================================================================
 
     A *unit* is the channel of an output with four or more dimensions and the last dimension
@@ -57,6 +58,10 @@ class ActivationMonitor(EngineCallback):
     Args:
         every_n_steps: window length in optimizer steps; ``None`` uses the trainer's
             ``log_every_n_steps``.
+        overhead_budget: share of the training step time that measuring may take (default 0.02).
+            After each window the engine measures only every k-th batch (always the window's
+            first), with k chosen from its own measured cost to stay within the budget; the loss
+            is still tracked on every batch. ``None`` measures every batch.
         extra_types: custom activation classes to monitor, or a mapping from such a class to the
             torch activation it behaves like (``{GELUActivation: "gelu"}``).
         name_pattern: regular expression; modules whose qualified name matches are monitored.
@@ -91,6 +96,7 @@ class ActivationMonitor(EngineCallback):
         self,
         *,
         every_n_steps: int | None = None,
+        overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET,
         extra_types: ExtraTypes = (),
         name_pattern: str | None = None,
         predicate: LayerPredicate | None = None,
@@ -101,7 +107,7 @@ class ActivationMonitor(EngineCallback):
         log_key_prefix: str = "",
         print_summary: bool = True,
     ) -> None:
-        super().__init__(every_n_steps)
+        super().__init__(every_n_steps, overhead_budget)
         check_positive_int("max_calls_per_module", max_calls_per_module)
         check_positive_int("histogram_every_n_steps", histogram_every_n_steps, allow_none=True)
         validate_extra_types(extra_types)
@@ -155,6 +161,7 @@ class ActivationMonitor(EngineCallback):
     def on_window(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: WindowSnapshot) -> None:
         prefix = self.log_key_prefix
         metrics, histograms = snapshot.activation_metrics(prefix), snapshot.activation_histograms(prefix)
+        metrics[f"{prefix}act_measured_batches"] = float(snapshot.measured_batches)
         _loggers.write_window(trainer, metrics, histograms, _compat.logger_step(trainer))
 
     @override

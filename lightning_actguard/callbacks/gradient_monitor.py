@@ -10,7 +10,7 @@ from lightning_actguard import _compat
 from lightning_actguard._warnings import ActGuardWarning
 from lightning_actguard.callbacks import _loggers
 from lightning_actguard.callbacks._engine_callback import EngineCallback, check_positive_int
-from lightning_actguard.engine import Engine, GradientSettings
+from lightning_actguard.engine import DEFAULT_OVERHEAD_BUDGET, Engine, GradientSettings
 from lightning_actguard.gradients import GradientThresholds
 from lightning_actguard.snapshot import WindowSnapshot
 from lightning_actguard.summary import gradient_table, print_summary
@@ -69,6 +69,10 @@ class GradientMonitor(EngineCallback):
 
     Args:
         every_n_steps: window length in optimizer steps; ``None`` uses ``log_every_n_steps``.
+        overhead_budget: share of the training step time that measuring may take (default 0.02).
+            After each window the engine measures only every k-th batch (always the window's
+            first), with k chosen from its own measured cost to stay within the budget; the loss
+            is still tracked on every batch. ``None`` measures every batch.
         vanishing_ratio: threshold on ``grad_depth_ratio`` (default 1e-3).
         vanishing_floor: absolute norm below which a weight layer counts as starved (1e-8).
         exploding_norm: bound on the global gradient norm (1e3).
@@ -101,6 +105,7 @@ class GradientMonitor(EngineCallback):
         self,
         *,
         every_n_steps: int | None = None,
+        overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET,
         vanishing_ratio: float = 1e-3,
         vanishing_floor: float = 1e-8,
         exploding_norm: float = 1e3,
@@ -110,7 +115,7 @@ class GradientMonitor(EngineCallback):
         warn: bool = True,
         print_summary: bool = True,
     ) -> None:
-        super().__init__(every_n_steps)
+        super().__init__(every_n_steps, overhead_budget)
         if not 0 < vanishing_ratio < 1:
             raise ValueError(f"`vanishing_ratio` must be in (0, 1), got {vanishing_ratio!r}.")
         if not vanishing_floor > 0:
