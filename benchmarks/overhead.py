@@ -165,11 +165,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=150, help="measured steps per run")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="1 round of 20 steps, for a smoke test")
+    parser.add_argument(
+        "--warmup", type=int, default=60, help="steps before timing: the first 50-step window measures every batch"
+    )
+    parser.add_argument("--quick", action="store_true", help="1 round of 50 steps, for a smoke test")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.steps, args.warmup = 1, 20, 3
+        args.rounds, args.steps = 1, 50
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -183,7 +185,7 @@ def main() -> None:
             lambda depth=depth: mlp(depth, 128),
             (128,),
             256,
-            ["plain", "everything"],
+            ["plain", "everything (defaults)", "everything, every batch (overhead_budget=None)"],
             **vars_of(args),
         )
     print(f"\ntorch {torch.__version__}, Lightning {pl.__version__}, {torch.get_num_threads()} threads")
