@@ -94,14 +94,22 @@ class StepTimer(pl.Callback):
         self.warmup = warmup
         self.state_bytes = 0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
         if trainer.global_step == self.warmup and not hasattr(self, "start"):
+            _wait_for(pl_module)
             self.start = time.perf_counter()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _wait_for(pl_module)
         self.seconds_per_step = (time.perf_counter() - self.start) / (trainer.global_step - self.warmup)
         engine = engine_for(pl_module)
         self.state_bytes = engine.state_bytes() if engine is not None else 0
+
+
+def _wait_for(pl_module: pl.LightningModule) -> None:
+    """On a GPU, let the queued work finish before reading the clock."""
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def everything(histograms: bool = False, budget: float | None = DEFAULT_OVERHEAD_BUDGET) -> list[pl.Callback]:
@@ -126,7 +134,13 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
 
 
 def run(
-    make_net: Callable[[], nn.Module], data: TensorDataset, batch: int, callbacks: list, steps: int, warmup: int
+    make_net: Callable[[], nn.Module],
+    data: TensorDataset,
+    batch: int,
+    callbacks: list,
+    steps: int,
+    warmup: int,
+    device: str = "cpu",
 ) -> tuple[float, int]:
     torch.manual_seed(0)
     timer = StepTimer(warmup)
@@ -138,20 +152,20 @@ def run(
         enable_checkpointing=False,
         enable_model_summary=False,
         log_every_n_steps=50,
-        accelerator="cpu",
+        accelerator=device,
         devices=1,
     )
     trainer.fit(Classifier(make_net()), DataLoader(data, batch_size=batch, shuffle=False))
     return timer.seconds_per_step, timer.state_bytes
 
 
-def measure(name: str, make_net, shape, batch, configs, rounds, steps, warmup) -> list[tuple]:
+def measure(name, make_net, shape, batch, configs, rounds, steps, warmup, device="cpu") -> list[tuple]:
     data = TensorDataset(torch.randn(batch * 8, *shape), torch.randint(0, 10, (batch * 8,)))
     times: dict[str, list[float]] = {config: [] for config in configs}
     memory: dict[str, int] = {}
     for _ in range(rounds):
         for config in configs:
-            seconds, state = run(make_net, data, batch, CONFIGS[config](), steps, warmup)
+            seconds, state = run(make_net, data, batch, CONFIGS[config](), steps, warmup, device)
             times[config].append(seconds)
             memory[config] = state
     plain = statistics.fmean(times["plain"])

@@ -30,25 +30,28 @@ _CHARTS = {
 
 
 class ActivationMonitor(EngineCallback):
-    r"""Measures every activation layer on every training batch and logs one summary per window.
+    r"""Measures the activation layers on the training batches and logs one summary per window.
 
     Statistics are accumulated on the model's device inside forward hooks and read back once
     per window (by default every ``trainer.log_every_n_steps`` optimizer steps) in a single
     transfer. Only training batches count: sanity checking, validation, test and prediction
-    forwards, and forwards recomputed during backward, are not measured.
+    forwards, and forwards recomputed during backward, are not measured. Within the
+    ``overhead_budget`` (2% of the step time by default) every batch is measured; when measuring
+    costs more, every k-th batch is (the first of each window always), and
+    ``act_measured_batches`` says how many were.
 
     Logged metrics (``<log_key_prefix><statistic>/<layer>``, one TensorBoard section per statistic):
 
-    ======================  =================================================================
-    ``act_dead_frac``       share of units that never rose above the floor in the window
-    ``act_zero_frac``       share of outputs at or below a hard floor (ReLU's zeros), else == 0
-    ``act_saturated_frac``  share of outputs within ``saturation_eps`` of a bound (bounded kinds)
-    ``act_out_mean/std``    mean and standard deviation of the outputs
-    ``act_in_mean/std``     mean and standard deviation of the inputs
-    ``act_nonfinite``       number of NaN or infinite outputs
-    ``act_out_hist``        histogram of one batch's outputs (TensorBoard, when asked for)
-    ``act_measured_batches`` batches of the window that were measured (see ``overhead_budget``)
-    ======================  =================================================================
+    ========================  =================================================================
+    ``act_dead_frac``         share of units that never rose above the floor in the window
+    ``act_zero_frac``         share of outputs at or below a hard floor (ReLU's zeros), else == 0
+    ``act_saturated_frac``    share of outputs within ``saturation_eps`` of a bound (bounded kinds)
+    ``act_out_mean/std``      mean and standard deviation of the outputs
+    ``act_in_mean/std``       mean and standard deviation of the inputs
+    ``act_nonfinite``         number of NaN or infinite outputs
+    ``act_out_hist``          histogram of one batch's outputs (TensorBoard, when asked for)
+    ``act_measured_batches``  batches of the window that were measured (no layer suffix)
+    ========================  =================================================================
 
     A *unit* is the channel of an output with four or more dimensions and the last dimension
     otherwise; ``unit_dim`` overrides this. A module called several times in one forward (one
