@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 ReduceSum = Callable[[Tensor], Tensor]
@@ -25,3 +26,11 @@ class FlatReader:
         piece = self.values[self.offset : self.offset + length]
         self.offset += length
         return piece
+
+
+def host_to_device(values: list[float], device: torch.device) -> Tensor:
+    """A small tensor of host numbers on ``device``, copied without waiting for the device's queued work."""
+    host = torch.tensor(values, dtype=torch.float32)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

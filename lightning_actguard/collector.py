@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_actguard import _stats
-from lightning_actguard._packing import FlatReader, ReduceSum
+from lightning_actguard._packing import FlatReader, ReduceSum, host_to_device
 from lightning_actguard._warnings import WarnOnce
 from lightning_actguard.activations import ActivationLayer
 from lightning_actguard.snapshot import ActivationStats, Histogram, histogram_from_packed, mean_and_std
@@ -266,7 +266,7 @@ class ActivationCollector:
         device = sites[0].totals.device  # type: ignore[union-attr]
         counts = [float(n) for site in sites for n in (site.out_elements, site.in_elements)]
         pieces = [site.totals for site in sites]
-        pieces.append(_to_device(torch.tensor(counts, dtype=torch.float32), device))
+        pieces.append(host_to_device(counts, device))
         pieces.extend((site.unit_max > site.layer.spec.floor).float() for site in sites)  # type: ignore[operator]
         pieces.extend(site.histogram for site in sites if site.histogram is not None)
         return pieces  # type: ignore[return-value]
@@ -294,13 +294,6 @@ class ActivationCollector:
             totals_by_field = dict(zip(_FIELDS, row, strict=True))
             stats.append(_layer_stats(name, site, totals_by_field, out_n, in_n, unit_fired, histogram))
         return stats
-
-
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """Copy a small host tensor to ``device`` without waiting for the device's queued work."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 def _layer_stats(

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from lightning_actguard._packing import FlatReader, ReduceSum
+from lightning_actguard._packing import FlatReader, ReduceSum, host_to_device
 from lightning_actguard.activations import ActivationLayer
 from lightning_actguard.collector import ActivationCollector
 from lightning_actguard.gradients import GradientCollector, GradientThresholds
@@ -273,31 +273,34 @@ class Engine:
         start = time.perf_counter()
         snapshot = self._read_window(step)
         self._read_back_seconds = time.perf_counter() - start
-        self._choose_sampling()
         return snapshot
 
-    def _choose_sampling(self) -> None:
-        """Pick how many batches apart to measure, so that measuring stays within the overhead budget.
-
-        The cost of a measured batch (the hooks' time plus the window's read-back, spread over
-        the measured batches) is compared with the time of a training batch without it.
-        """
+    def _cost(self) -> list[float]:
+        """This window's measuring and training time, summed across processes with the statistics."""
         collectors = [source for source in (self.activations, self.gradients) if source is not None]
-        work = sum(source.seconds for source in collectors)
+        work = sum(source.seconds for source in collectors) + self._read_back_seconds
         for source in collectors:
             source.seconds = 0.0
-        measured, batches, intervals, wall = self._measured_batches, self._batches_closed, self._intervals, self._wall
+        return [work, self._wall, float(self._intervals), float(self._measured_batches), float(self._batches)]
+
+    def _choose_sampling(self, cost: list[float]) -> None:
+        """Pick how many batches apart to measure, so that measuring stays within the overhead budget.
+
+        The cost of a measured batch (the hooks' time plus the last read-back, spread over the
+        measured batches) is compared with the time of a training batch without it. The numbers
+        are summed across processes first, so every process picks the same spacing.
+        """
+        work, wall, intervals, measured, batches = cost
         self._measured_batches, self._wall, self._intervals = 0, 0.0, 0
         if self.overhead_budget is None:
             self.sample_every = 1
             return
-        if not measured or not intervals:
+        if not measured or not intervals or not batches:
             return
-        per_measured = (work + self._read_back_seconds) / measured
         plain_batch = wall / intervals - work / batches
         if plain_batch <= 0:
             return
-        wanted = math.ceil(per_measured / (self.overhead_budget * plain_batch))
+        wanted = math.ceil(work / measured / (self.overhead_budget * plain_batch))
         self.sample_every = min(max(wanted, 1), _MAX_SAMPLE_EVERY)
 
     def _read_window(self, step: int) -> WindowSnapshot:
@@ -307,28 +310,32 @@ class Engine:
         packed = [(name, source, source.pack()) for name, source in sources]
         pieces = [piece for _, _, group in packed for piece in group]
         results: dict[str, object] = {}
+        cost = self._cost()
+        measured_batches = self._measured_batches
         if pieces:
             device = pieces[0].device
-            flat = torch.cat([piece.to(device) for piece in pieces])
+            flat = torch.cat([*(piece.to(device) for piece in pieces), host_to_device(cost, device)])
             if self.reduce_sum is not None:
                 flat = self.reduce_sum(flat)
             take = FlatReader(flat.cpu())
             for name, source, group in packed:
                 if group:
                     results[name] = source.unpack(take, self.world_size) if name == "gradients" else source.unpack(take)
+            cost = take(len(cost))
         for _, source in sources:
             source.reset()
+        self._choose_sampling(cost)
         self.latest = WindowSnapshot(
             step=step,
             batches=self._batches,
-            measured_batches=self._measured_batches,
+            measured_batches=measured_batches,
             activations={layer.name: layer for layer in results.get("activations", [])},  # type: ignore[attr-defined]
             gradients=results.get("gradients"),  # type: ignore[arg-type]
             losses={name[len("loss:") :]: value for name, value in results.items() if name.startswith("loss:")},  # type: ignore[misc]
         )
         self._last_closed_step = step
         self._windows += 1
-        self._batches_closed, self._batches = self._batches, 0
+        self._batches = 0
         return self.latest
 
 
