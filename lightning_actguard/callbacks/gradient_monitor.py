@@ -32,7 +32,10 @@ _EXPLODED_ADVICE = (
 
 
 class GradientMonitor(EngineCallback):
-    r"""Per-layer gradient norms at every optimizer step, logged once per window, with a depth profile.
+    r"""Per-layer gradient norms at the optimizer steps, logged once per window, with a depth profile.
+
+    Every optimizer step is measured within the ``overhead_budget``; beyond it, the steps of
+    every k-th batch (the first of each window always).
 
     Gradients are measured in ``on_before_optimizer_step``, where they are final: accumulated
     over ``accumulate_grad_batches``, unscaled under fp16 mixed precision (including optimizers
