@@ -1,8 +1,9 @@
 """The training loss of one window, accumulated on the device.
 
 A guard that watches the loss must not read it back every step (on a GPU each read stalls the
-device). :class:`LossTracker` adds each step's loss to a device buffer, counting non-finite
-values apart, and is read back with everything else once per window.
+device). :class:`LossTracker` keeps each step's loss tensor (one number) where it is, and sums
+the window's finite values and counts the non-finite ones only when the window is read back with
+everything else.
 """
 
 from __future__ import annotations
@@ -45,32 +46,35 @@ class LossTracker:
     """
 
     def __init__(self) -> None:
-        self._totals: Tensor | None = None
+        self._values: list[Tensor] = []
+        self._device: torch.device | None = None
 
     def add(self, loss: Tensor) -> None:
-        """Add one step's loss (any shape; its mean is used) without reading it back."""
-        value = loss.detach().float().mean()
-        finite = torch.isfinite(value)
-        step = torch.stack((torch.where(finite, value, 0.0), finite.float(), (~finite).float()))
-        if self._totals is None or self._totals.device != step.device:
-            self._totals = torch.zeros(3, device=step.device)
-        self._totals.add_(step)
+        """Keep one step's loss (any shape; its mean is used) on its device: no kernel, no read-back."""
+        value = loss.detach()
+        self._values.append(value if value.dim() == 0 else value.float().mean())
+        self._device = value.device
 
     def pack(self) -> list[Tensor]:
-        """The window's buffer, for the engine's single read-back."""
-        return [] if self._totals is None else [self._totals]
+        """The window's sum of finite losses and counts, for the engine's single read-back."""
+        if self._device is None:
+            return []
+        if not self._values:
+            return [torch.zeros(3, device=self._device)]
+        values = torch.stack(self._values).float()
+        finite = torch.isfinite(values)
+        return [torch.stack((torch.where(finite, values, 0.0).sum(), finite.sum(), (~finite).sum())).float()]
 
     def unpack(self, take: FlatReader) -> LossWindow | None:
         """The window's loss from the reduced values of the last :meth:`pack`."""
-        if self._totals is None:
+        if self._device is None:
             return None
         total, count, nonfinite = take(3)
         return LossWindow(mean=total / count if count else math.nan, count=round(count), nonfinite=round(nonfinite))
 
     def reset(self) -> None:
         """Start a new window."""
-        if self._totals is not None:
-            self._totals.zero_()
+        self._values.clear()
 
     def read(self) -> LossWindow | None:
         """Read back and reset in one go (for use without the engine)."""

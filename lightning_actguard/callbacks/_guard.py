@@ -81,6 +81,7 @@ class Guard(EngineCallback):
         self._rung = 0
         self._last_action_step: int | None = None
         self._event_log: EventLog | None = None
+        self._state_key: str | None = None
 
     # ------------------------------------------------------------------ for subclasses
 
@@ -157,7 +158,10 @@ class Guard(EngineCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(action=self.actions, **self.identity())
+        # Lightning asks for it around every hook call: build it once.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(action=self.actions, **self.identity())
+        return self._state_key
 
     def identity(self) -> dict[str, Any]:
         """The arguments that tell two guards of the same class apart in a checkpoint."""
