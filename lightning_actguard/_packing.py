@@ -34,3 +34,12 @@ def host_to_device(values: list[float], device: torch.device) -> Tensor:
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
+
+
+def read_back(pieces: list[Tensor], reduce_sum: ReduceSum | None = None) -> FlatReader:
+    """Concatenate ``pieces`` on the first one's device, reduce once, and copy to the host once."""
+    device = pieces[0].device
+    flat = torch.cat([piece.to(device) for piece in pieces])
+    if reduce_sum is not None:
+        flat = reduce_sum(flat)
+    return FlatReader(flat.cpu())

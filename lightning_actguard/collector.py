@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_actguard import _stats
-from lightning_actguard._packing import FlatReader, ReduceSum, host_to_device
+from lightning_actguard._packing import FlatReader, ReduceSum, host_to_device, read_back
 from lightning_actguard._warnings import WarnOnce
 from lightning_actguard.activations import ActivationLayer
 from lightning_actguard.snapshot import ActivationStats, Histogram, histogram_from_packed, mean_and_std
@@ -243,10 +243,7 @@ class ActivationCollector:
         pieces = self.pack()
         if not pieces:
             return []
-        flat = torch.cat([piece.to(pieces[0].device) for piece in pieces])
-        if reduce_sum is not None:
-            flat = reduce_sum(flat)
-        stats = self.unpack(FlatReader(flat.cpu()))
+        stats = self.unpack(read_back(pieces, reduce_sum))
         self.reset()
         return stats
 

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from lightning_actguard._packing import FlatReader, ReduceSum, host_to_device
+from lightning_actguard._packing import FlatReader, ReduceSum, host_to_device, read_back
 from lightning_actguard.activations import ActivationLayer
 from lightning_actguard.collector import ActivationCollector
 from lightning_actguard.gradients import GradientCollector, GradientThresholds
@@ -313,11 +313,7 @@ class Engine:
         cost = self._cost()
         measured_batches = self._measured_batches
         if pieces:
-            device = pieces[0].device
-            flat = torch.cat([*(piece.to(device) for piece in pieces), host_to_device(cost, device)])
-            if self.reduce_sum is not None:
-                flat = self.reduce_sum(flat)
-            take = FlatReader(flat.cpu())
+            take = read_back([*pieces, host_to_device(cost, pieces[0].device)], self.reduce_sum)
             for name, source, group in packed:
                 if group:
                     results[name] = source.unpack(take, self.world_size) if name == "gradients" else source.unpack(take)

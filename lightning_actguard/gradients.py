@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_actguard import _stats
-from lightning_actguard._packing import FlatReader, ReduceSum
+from lightning_actguard._packing import FlatReader, ReduceSum, read_back
 from lightning_actguard._warnings import WarnOnce
 from lightning_actguard.activations import ActivationSpec
 from lightning_actguard.snapshot import GradientLayerStats, GradientStats, Histogram, histogram_from_packed
@@ -347,10 +347,7 @@ class GradientCollector:
         pieces = self.pack()
         if not pieces:
             return None
-        flat = torch.cat(pieces)
-        if reduce_sum is not None:
-            flat = reduce_sum(flat)
-        stats = self.unpack(FlatReader(flat.cpu()), world_size)
+        stats = self.unpack(read_back(pieces, reduce_sum), world_size)
         self.reset()
         return stats
 

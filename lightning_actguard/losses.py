@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_actguard._packing import FlatReader
+from lightning_actguard._packing import FlatReader, read_back
 
 __all__ = ["LossTracker", "LossWindow"]
 
@@ -81,6 +81,6 @@ class LossTracker:
         pieces = self.pack()
         if not pieces:
             return None
-        window = self.unpack(FlatReader(pieces[0].cpu()))
+        window = self.unpack(read_back(pieces))
         self.reset()
         return window
