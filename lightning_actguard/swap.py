@@ -30,6 +30,8 @@ __all__ = [
     "Replacement",
     "Swap",
     "SwapReport",
+    "feeding_layer",
+    "init_for_activation",
     "reapply_swaps",
     "swap_activations",
     "swap_records",
@@ -394,3 +396,65 @@ def _rebuild(record: Mapping[str, Any]) -> nn.Module:
             f"Cannot rebuild the replacement {path} of {record['names'][0]!r} from its record "
             f"{dict(record['arguments'])} ({type(error).__name__}: {error})."
         ) from None
+
+
+# ---------------------------------------------------------------------- initialisation to suit an activation
+
+
+def init_for_activation(layer: nn.Module, activation: nn.Module) -> str | None:
+    """Re-initialise the weight layer feeding ``activation`` the way that activation is meant to start.
+
+    SELU's self-normalisation assumes LeCun-normal weights (variance ``1 / fan_in``); the ReLU
+    family (ReLU, LeakyReLU, PReLU, ELU, CELU, GELU, SiLU, Mish) wants Kaiming-normal weights
+    (variance ``2 / fan_in``, adjusted for a leaky slope). Biases are zeroed. This overwrites
+    learned weights, which is why the guards only do it when asked.
+
+    Args:
+        layer: a module with a ``weight`` of two or more dimensions (``nn.Linear``, ``nn.ConvNd``).
+        activation: the activation it feeds.
+
+    Returns:
+        The name of the scheme applied (``"lecun_normal"``, ``"kaiming_normal"``), or ``None``
+        when the activation has no preferred initialisation and nothing was changed.
+    """
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        return None
+    if not isinstance(activation, (nn.SELU, *_KAIMING_FAMILY)):
+        return None
+    with torch.no_grad():
+        if isinstance(activation, nn.SELU):
+            scheme = "lecun_normal"
+            nn.init.normal_(weight, 0.0, nn.init._calculate_fan_in_and_fan_out(weight)[0] ** -0.5)
+        else:
+            scheme = "kaiming_normal"
+            slope = float(getattr(activation, "negative_slope", 0.0))
+            nn.init.kaiming_normal_(weight, a=slope, nonlinearity="leaky_relu")
+        bias = getattr(layer, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.zero_()
+    return scheme
+
+
+_KAIMING_FAMILY = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish)
+
+
+def feeding_layer(model: nn.Module, activation_name: str) -> tuple[str, nn.Module] | None:
+    """The weight layer that feeds the activation called ``activation_name``, by registration order.
+
+    The rule: the nearest module registered before the activation that has a ``weight`` of two or
+    more dimensions. It holds for models written as a sequence of layer and activation
+    (``nn.Sequential`` and most blocks); a model whose ``forward`` wires modules in another order
+    than it registers them can get the wrong layer.
+
+    Returns:
+        ``(qualified name, module)``, or ``None`` when no weight layer comes before it.
+    """
+    found = None
+    for name, module in model.named_modules():
+        if name == activation_name:
+            return found
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+            found = (name, module)
+    return None
