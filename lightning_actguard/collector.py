@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_actguard import _stats
 from lightning_actguard._packing import FlatReader, ReduceSum, host_to_device, read_back
 from lightning_actguard._warnings import WarnOnce
-from lightning_actguard.activations import ActivationLayer
+from lightning_actguard.activations import ActivationLayer, spec_for
 from lightning_actguard.snapshot import ActivationStats, Histogram, histogram_from_packed, mean_and_std
 
 __all__ = ["ActivationCollector"]
@@ -93,7 +93,7 @@ class ActivationCollector:
         #: Seconds spent measuring inside the hooks (host time; on a GPU, the time to queue the work).
         self.seconds = 0.0
         self._layers: dict[int, ActivationLayer] = {}
-        self._handles: list[RemovableHandle] = []
+        self._handles: dict[int, tuple[RemovableHandle, RemovableHandle]] = {}
         self._sites: dict[tuple[int, int], _Site] = {}
         self._calls: dict[int, int] = {}
         self._collecting = False
@@ -122,13 +122,41 @@ class ActivationCollector:
             if key in self._layers:
                 continue
             self._layers[key] = layer
-            self._handles.append(layer.module.register_forward_pre_hook(self._before_forward))
-            self._handles.append(layer.module.register_forward_hook(self._after_forward))
+            self._hook(layer.module)
+
+    def _hook(self, module: nn.Module) -> None:
+        self._handles[id(module)] = (
+            module.register_forward_pre_hook(self._before_forward),
+            module.register_forward_hook(self._after_forward),
+        )
+
+    def replace(self, old: nn.Module, new: nn.Module) -> None:
+        """Move the hooks of ``old`` to ``new``, which took its place in the model (a swapped activation).
+
+        The layer keeps its name, so its statistics continue on the same lines; they are read
+        against the new module's spec from now on. Call it between windows: a window that
+        mixes both modules mixes their statistics.
+        """
+        layer = self._layers.pop(id(old), None)
+        if layer is None:
+            return
+        for handle in self._handles.pop(id(old), ()):
+            handle.remove()
+        moved = ActivationLayer(layer.name, new, spec_for(new))
+        self._layers[id(new)] = moved
+        self._hook(new)
+        self._failed.discard(id(old))
+        for (module, call), site in list(self._sites.items()):
+            if module == id(old):
+                del self._sites[(module, call)]
+                site.layer, site.edges = moved, None
+                self._sites[(id(new), call)] = site
 
     def detach(self) -> None:
         """Remove every hook; safe to call more than once."""
-        for handle in self._handles:
-            handle.remove()
+        for handles in self._handles.values():
+            for handle in handles:
+                handle.remove()
         self._handles.clear()
         self._collecting = False
 

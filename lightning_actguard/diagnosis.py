@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lightning_actguard.snapshot import WindowSnapshot
 
-__all__ = ["DIAGNOSIS_LIMITS", "diagnose"]
+__all__ = ["DIAGNOSIS_LIMITS", "diagnose", "implicated_layers"]
 
 #: Where each finding starts: share of dead units or saturated outputs in a layer, and the input
 #: standard deviation above which a bounded activation is fed unnormalised inputs.
@@ -46,3 +46,27 @@ def diagnose(snapshot: WindowSnapshot | None) -> list[str]:
     if not findings:
         findings.append("no dead, saturated or starved layer in sight: the learning rate may be too small")
     return findings
+
+
+def implicated_layers(snapshot: WindowSnapshot | None) -> list[str]:
+    """The activation layers behind :func:`diagnose`'s findings, in the snapshot's order.
+
+    Layers with dead units, saturated outputs or unnormalised inputs past
+    :data:`DIAGNOSIS_LIMITS`; and when gradients vanish, every layer bounded on both sides
+    (sigmoid, tanh, ...), whose derivative of at most 1 (a quarter for sigmoid) shrinks the
+    gradient at each layer it passes.
+    """
+    if snapshot is None:
+        return []
+    vanishing = snapshot.gradients is not None and snapshot.gradients.vanishing
+    names = []
+    for name, layer in snapshot.activations.items():
+        bounded = layer.saturated_frac is not None
+        if (
+            layer.dead_frac > DIAGNOSIS_LIMITS["dead_frac"]
+            or (bounded and layer.saturated_frac > DIAGNOSIS_LIMITS["saturated_frac"])  # type: ignore[operator]
+            or (bounded and layer.in_std > DIAGNOSIS_LIMITS["input_std"])
+            or (bounded and vanishing)
+        ):
+            names.append(name)
+    return names

@@ -21,7 +21,8 @@ class GuardEvent:
     Attributes:
         step: optimizer step at which the guard acted.
         guard: the guard's name.
-        severity: ``"warning"`` for a warning, ``"action"`` for a change to the run, ``"stop"``.
+        severity: ``"info"`` for a verdict that needs nothing done (a swap that helped),
+            ``"warning"`` for a warning, ``"action"`` for a change to the run, ``"stop"``.
         condition: what the guard saw, in plain words.
         evidence: the numbers behind it (layer dead fractions, losses, learning rates).
         diagnosis: the likely cause and remedy, in plain words.

@@ -251,3 +251,24 @@ def test_a_failing_measurement_warns_once_and_training_goes_on(monkeypatch):
         collector.start_batch()
         model(torch.ones(2, 2))
     collector.detach()
+
+
+def test_replace_moves_the_hooks_and_keeps_the_layer_name_with_the_new_spec():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid())
+    collector = ActivationCollector()
+    collector.attach(find_activation_layers(model))
+    old, new = model[1], nn.ReLU()
+    model[1] = new
+    collector.replace(old, new)
+    assert (len(old._forward_hooks), len(old._forward_pre_hooks)) == (0, 0)
+    assert (len(new._forward_hooks), len(new._forward_pre_hooks)) == (1, 1)
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.copy_(torch.tensor([1.0, -1.0, -1.0, 2.0]))
+    collector.start_batch()
+    model(torch.randn(5, 3))
+    collector.end_batch()
+    (layer,) = collector.read()
+    assert (layer.name, layer.kind, layer.dead_frac, layer.saturated_frac) == ("1", "relu", 0.5, None)
+    collector.detach()
+    assert len(new._forward_hooks) == 0

@@ -26,6 +26,8 @@ class Situation:
     factor: float
     min_lr: float
     evidence: Mapping[str, Any] = field(default_factory=dict)
+    layers: tuple[str, ...] = ()
+    swapper: Callable[[Situation], Outcome] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,5 +74,12 @@ def stop(situation: Situation) -> Outcome:
     return Outcome("stop", f"stopped training at step {situation.step}", undo)
 
 
+def swap(situation: Situation) -> Outcome:
+    """Replace the activations the guard's finding names, as the guard's swap mapping says."""
+    if situation.swapper is None:
+        return Outcome("warning", "nothing swapped: this guard has no swap configured", changed=False)
+    return situation.swapper(situation)
+
+
 #: Action name -> function. The guards accept these names in ``action``.
-ACTIONS: dict[str, Callable[[Situation], Outcome]] = {"warn": warn, "reduce_lr": reduce_lr, "stop": stop}
+ACTIONS: dict[str, Callable[[Situation], Outcome]] = {"warn": warn, "reduce_lr": reduce_lr, "swap": swap, "stop": stop}

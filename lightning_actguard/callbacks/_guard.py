@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +15,15 @@ from typing_extensions import override
 
 from lightning_actguard import _compat
 from lightning_actguard._warnings import ActGuardWarning
-from lightning_actguard.callbacks._actions import ACTIONS, Situation
-from lightning_actguard.callbacks._engine_callback import EngineCallback
+from lightning_actguard.callbacks._actions import ACTIONS, Outcome, Situation
+from lightning_actguard.callbacks._engine_callback import EngineCallback, check_positive_int
+from lightning_actguard.callbacks._swapping import ActivationSwapper
 from lightning_actguard.events import EventLog, GuardEvent
 from lightning_actguard.snapshot import WindowSnapshot
 from lightning_actguard.summary import print_summary
+from lightning_actguard.swap import Replacement, Selector
 
-_SEVERITY_LEVEL = {"warning": 1.0, "action": 2.0, "stop": 3.0}
+_SEVERITY_LEVEL = {"info": 0.0, "warning": 1.0, "action": 2.0, "stop": 3.0}
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Finding:
     condition: str
     evidence: Mapping[str, Any] = field(default_factory=dict)
     diagnosis: str = ""
+    layers: tuple[str, ...] = ()
 
 
 class Guard(EngineCallback):
@@ -39,16 +42,35 @@ class Guard(EngineCallback):
     The actions form an escalation ladder: the first time the condition holds the guard takes the
     first action, and if the condition still holds ``cooldown`` steps later, the next one. Once
     the condition clears, the ladder starts again from the bottom. The last action repeats while
-    the condition holds only if it is ``reduce_lr``; a warning or a stop is taken once.
+    the condition holds only if it is ``reduce_lr``; a warning, a swap or a stop is taken once.
+
+    The ``"swap"`` action replaces the activations the finding names (see
+    :func:`~lightning_actguard.swap.swap_activations`), then judges the swap ``review_steps``
+    later by the window loss: it reports whether the swap helped and, with
+    ``revert_if_worse``, undoes a swap after which the loss rose. A checkpoint records the swaps
+    that stand; resuming from it redoes them in the freshly built model before its weights load.
+    To load such a checkpoint outside ``Trainer.fit``, call
+    :func:`~lightning_actguard.restore_swaps` on the model first.
 
     Args:
-        action: an action name or a ladder of them: ``"warn"``, ``"reduce_lr"``, ``"stop"``.
+        action: an action name or a ladder of them: ``"warn"``, ``"reduce_lr"``, ``"swap"``,
+            ``"stop"``.
         every_n_steps: window length in optimizer steps; ``None`` uses ``log_every_n_steps``.
         factor: ``reduce_lr`` multiplies every learning rate by this, in (0, 1).
         min_lr: ``reduce_lr`` never goes below this.
         cooldown: optimizer steps after an action before the guard acts again; ``None`` for the
             guard's default.
         print_summary: print the guard's events at the end of training (rank zero).
+        swap_mapping: what ``"swap"`` replaces with what, as for
+            :func:`~lightning_actguard.swap.swap_activations`; ``None`` for
+            :data:`~lightning_actguard.callbacks.DEFAULT_SWAPS` (ReLU -> LeakyReLU,
+            Sigmoid/Tanh-like -> SELU).
+        swap_all: swap every layer the mapping matches, not only the layers the finding names.
+        swap_init: re-initialise the weight layer feeding each swapped activation to suit the
+            new one (LeCun-normal for SELU, Kaiming for the ReLU family). Off by default: it
+            overwrites learned weights.
+        review_steps: optimizer steps after a swap before judging it; ``None`` for the cooldown.
+        revert_if_worse: undo a swap when the loss is higher ``review_steps`` later.
     """
 
     def __init__(
@@ -60,6 +82,11 @@ class Guard(EngineCallback):
         min_lr: float = 0.0,
         cooldown: int | None = None,
         print_summary: bool = True,
+        swap_mapping: Mapping[Selector, Replacement] | None = None,
+        swap_all: bool = False,
+        swap_init: bool = False,
+        review_steps: int | None = None,
+        revert_if_worse: bool = True,
     ) -> None:
         super().__init__(every_n_steps)
         ladder = (action,) if isinstance(action, str) else tuple(action)
@@ -72,7 +99,23 @@ class Guard(EngineCallback):
             raise ValueError(f"`min_lr` must be a non-negative number, got {min_lr!r}.")
         if cooldown is not None and (not isinstance(cooldown, int) or isinstance(cooldown, bool) or cooldown < 0):
             raise ValueError(f"`cooldown` must be a non-negative int or None, got {cooldown!r}.")
+        check_positive_int("review_steps", review_steps, allow_none=True)
+        if swap_mapping is not None and "swap" not in ladder:
+            raise ValueError(f"`swap_mapping` is given but `action` {action!r} has no 'swap' in it.")
         self.actions = ladder
+        self.review_steps = review_steps
+        self._swapper = (
+            ActivationSwapper(
+                swap_mapping,
+                all_layers=swap_all,
+                init=swap_init,
+                review_steps=review_steps or 1,
+                revert_if_worse=revert_if_worse,
+            )
+            if "swap" in ladder
+            else None
+        )
+        self._resume_hook: Callable[[dict[str, Any]], None] | None = None
         self.factor = factor
         self.min_lr = min_lr
         self.cooldown = cooldown
@@ -102,36 +145,73 @@ class Guard(EngineCallback):
 
     # ------------------------------------------------------------------ deciding and acting
 
+    def loss_metric(self) -> str:
+        """The loss a swap is judged by: ``""`` for what ``training_step`` returns."""
+        return ""
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or self._swapper is None or self._engine is None:
+            return
+        self._swapper.metric = self.loss_metric()
+        self._swapper.review_steps = self.review_steps or self._cooldown(trainer)
+        self._engine.use_loss(self._swapper.metric or None)
+        self._arm_resume(pl_module)
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if self._swapper is not None:
+            # After the optimizers exist and before a resumed optimizer state loads into them.
+            self._swapper.join_optimizers(trainer)
         # Every rank asks (Lightning broadcasts the directory); only rank zero writes.
         self._event_log = EventLog(log_dir_of(trainer))
 
+    def _cooldown(self, trainer: pl.Trainer) -> int:
+        return self.cooldown if self.cooldown is not None else self.default_cooldown(self.window_length(trainer))
+
     @override
     def on_window(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: WindowSnapshot) -> None:
+        if self._swapper is not None:
+            for review in self._swapper.review(trainer, snapshot, self._engine):
+                self._record_event(trainer, snapshot.step, Finding(review.condition), review.action, review.outcome)
         finding = self.inspect(trainer, snapshot)
         if finding is None:
             self._rung = 0
             return
-        cooldown = self.cooldown if self.cooldown is not None else self.default_cooldown(self.window_length(trainer))
-        if self._last_action_step is not None and snapshot.step - self._last_action_step < cooldown:
+        if self._last_action_step is not None and snapshot.step - self._last_action_step < self._cooldown(trainer):
             return
         if self._rung >= len(self.actions) and self.actions[-1] != "reduce_lr":
             return
         name = self.actions[min(self._rung, len(self.actions) - 1)]
-        situation = Situation(trainer, type(self).__name__, snapshot.step, finding.condition, self.factor, self.min_lr)
+        situation = Situation(
+            trainer,
+            type(self).__name__,
+            snapshot.step,
+            finding.condition,
+            self.factor,
+            self.min_lr,
+            layers=finding.layers,
+            swapper=self._swap if self._swapper is not None else None,
+        )
         outcome = ACTIONS[name](situation)
         self._rung += 1
         self._last_action_step = snapshot.step
+        self._record_event(trainer, snapshot.step, finding, name, outcome)
+
+    def _swap(self, situation: Situation) -> Outcome:
+        return self._swapper.swap(situation, self._engine)  # type: ignore[union-attr]
+
+    def _record_event(self, trainer: pl.Trainer, step: int, finding: Finding, action: str, outcome: Outcome) -> None:
         event = GuardEvent(
-            step=snapshot.step,
+            step=step,
             guard=type(self).__name__,
             severity=outcome.severity,
             condition=finding.condition,
             evidence=dict(finding.evidence),
             diagnosis=finding.diagnosis,
-            action=name,
+            action=action,
             outcome=outcome.outcome,
             undo=outcome.undo,
         )
@@ -152,6 +232,43 @@ class Guard(EngineCallback):
         super().on_train_end(trainer, pl_module)
         if self.print_summary and self.events:
             rank_zero_only(print_summary)(events_table(type(self).__name__, self.events))
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._disarm_resume(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._disarm_resume(pl_module)
+
+    # ------------------------------------------------------------------ redoing swaps on resume
+
+    def _arm_resume(self, pl_module: pl.LightningModule) -> None:
+        """Make the module redo this guard's recorded swaps when a checkpoint loads into it.
+
+        Lightning loads a checkpoint's weights right after the module's ``on_load_checkpoint``
+        and before any callback state, so that hook is the one place where the model can still
+        be given the structure the weights were saved with.
+        """
+        if self._resume_hook is not None:
+            return
+        original = pl_module.on_load_checkpoint
+
+        def redo_swaps_then_load(checkpoint: dict[str, Any]) -> None:
+            state = checkpoint.get("callbacks", {}).get(self.state_key, {})
+            if self._swapper is not None and state.get("swaps"):
+                self._swapper.redo(pl_module, state["swaps"], self._engine)
+            original(checkpoint)
+
+        self._resume_hook = redo_swaps_then_load
+        pl_module.on_load_checkpoint = redo_swaps_then_load  # type: ignore[method-assign]
+
+    def _disarm_resume(self, pl_module: pl.LightningModule) -> None:
+        if self._resume_hook is not None and pl_module.__dict__.get("on_load_checkpoint") is self._resume_hook:
+            del pl_module.on_load_checkpoint
+        self._resume_hook = None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -174,6 +291,7 @@ class Guard(EngineCallback):
             "last_action_step": self._last_action_step,
             "events": [event.to_dict() for event in self.events],
             "guard": self.guard_state(),
+            "swaps": self._swapper.state() if self._swapper is not None else {},
         }
 
     @override

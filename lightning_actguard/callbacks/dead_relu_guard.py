@@ -13,6 +13,7 @@ from lightning_actguard.callbacks._engine_callback import check_positive_int
 from lightning_actguard.callbacks._guard import Finding, Guard
 from lightning_actguard.engine import Engine
 from lightning_actguard.snapshot import ActivationStats, WindowSnapshot
+from lightning_actguard.swap import Replacement, Selector
 
 _DEFAULT_COOLDOWN_WINDOWS = 5
 
@@ -36,7 +37,8 @@ class DeadReLUGuard(Guard):
         patience: consecutive windows the fraction must stay above ``threshold``.
         hysteresis: once triggered, the condition clears only when every layer is below
             ``threshold - hysteresis``, so a value hovering at the threshold does not flap.
-        action: ``"warn"``, ``"reduce_lr"``, ``"stop"``, or a ladder such as
+        action: ``"warn"``, ``"reduce_lr"``, ``"swap"`` (the dead layers' activations, ReLU ->
+            LeakyReLU by default), ``"stop"``, or a ladder such as
             ``("warn", "reduce_lr", "stop")``.
         every_n_steps: window length in optimizer steps; ``None`` uses ``log_every_n_steps``.
         factor: ``reduce_lr`` multiplies every learning rate by this.
@@ -44,6 +46,8 @@ class DeadReLUGuard(Guard):
         cooldown: optimizer steps between two actions (default: five windows, time for the
             statistics to reflect the last action).
         print_summary: print the guard's events at the end of training.
+        swap_mapping, swap_all, swap_init, review_steps, revert_if_worse: how ``"swap"`` swaps
+            and reviews; see :class:`~lightning_actguard.callbacks.Guard`.
 
     Raises:
         ValueError: an argument is out of range.
@@ -65,6 +69,11 @@ class DeadReLUGuard(Guard):
         min_lr: float = 0.0,
         cooldown: int | None = None,
         print_summary: bool = True,
+        swap_mapping: Mapping[Selector, Replacement] | None = None,
+        swap_all: bool = False,
+        swap_init: bool = False,
+        review_steps: int | None = None,
+        revert_if_worse: bool = True,
     ) -> None:
         super().__init__(
             action=action,
@@ -73,6 +82,11 @@ class DeadReLUGuard(Guard):
             min_lr=min_lr,
             cooldown=cooldown,
             print_summary=print_summary,
+            swap_mapping=swap_mapping,
+            swap_all=swap_all,
+            swap_init=swap_init,
+            review_steps=review_steps,
+            revert_if_worse=revert_if_worse,
         )
         if not 0 < threshold <= 1:
             raise ValueError(f"`threshold` must be in (0, 1], got {threshold!r}.")
@@ -111,6 +125,7 @@ class DeadReLUGuard(Guard):
         return Finding(
             condition=f"dead units above {self.threshold:.0%} in {len(dead)} layer(s): {worst}",
             evidence={"dead_frac": dead, "learning_rates": lrs, "windows_above": self._windows_above},
+            layers=tuple(dead),
             diagnosis=(
                 f"a too-high learning rate (now {', '.join(f'{lr:.3g}' for lr in lrs)}) kills ReLU units for good; "
                 "lower it, or move to LeakyReLU/ELU/SELU whose units keep a gradient"

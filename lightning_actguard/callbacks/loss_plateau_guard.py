@@ -15,9 +15,10 @@ from lightning_actguard.activations import find_activation_layers
 from lightning_actguard.callbacks._engine_callback import check_positive_int
 from lightning_actguard.callbacks._guard import Finding, Guard
 from lightning_actguard.callbacks.dead_relu_guard import current_learning_rates
-from lightning_actguard.diagnosis import diagnose
+from lightning_actguard.diagnosis import diagnose, implicated_layers
 from lightning_actguard.engine import Engine
 from lightning_actguard.snapshot import WindowSnapshot
+from lightning_actguard.swap import Replacement, Selector
 
 
 class LossPlateauGuard(Guard):
@@ -50,12 +51,16 @@ class LossPlateauGuard(Guard):
         smoothing: weight of the past in the moving average of window losses, in [0, 1).
         divergence_ratio: smoothed loss above this many times the best is divergence; ``None``
             turns the check off.
-        action: ``"warn"``, ``"reduce_lr"``, ``"stop"`` or a ladder of them.
+        action: ``"warn"``, ``"reduce_lr"``, ``"swap"`` (the activations the diagnosis names:
+            saturated or dead layers, and every sigmoid/tanh-like layer when gradients vanish),
+            ``"stop"``, or a ladder of them.
         every_n_steps: window length in optimizer steps; ``None`` uses ``log_every_n_steps``.
         factor: ``reduce_lr`` multiplies every learning rate by this.
         min_lr: ``reduce_lr`` never goes below this.
         cooldown: optimizer steps between two actions (default: ``patience``).
         print_summary: print the guard's events at the end of training.
+        swap_mapping, swap_all, swap_init, review_steps, revert_if_worse: how ``"swap"`` swaps
+            and reviews; see :class:`~lightning_actguard.callbacks.Guard`.
 
     Raises:
         ValueError: an argument is out of range.
@@ -81,6 +86,11 @@ class LossPlateauGuard(Guard):
         min_lr: float = 0.0,
         cooldown: int | None = None,
         print_summary: bool = True,
+        swap_mapping: Mapping[Selector, Replacement] | None = None,
+        swap_all: bool = False,
+        swap_init: bool = False,
+        review_steps: int | None = None,
+        revert_if_worse: bool = True,
     ) -> None:
         super().__init__(
             action=action,
@@ -89,6 +99,11 @@ class LossPlateauGuard(Guard):
             min_lr=min_lr,
             cooldown=cooldown,
             print_summary=print_summary,
+            swap_mapping=swap_mapping,
+            swap_all=swap_all,
+            swap_init=swap_init,
+            review_steps=review_steps,
+            revert_if_worse=revert_if_worse,
         )
         check_positive_int("patience", patience)
         if not min_delta >= 0:
@@ -161,7 +176,12 @@ class LossPlateauGuard(Guard):
             f"{self._best_step}, now {smoothed:.4g})",
             evidence=evidence | {"steps_without_improvement": stalled, "learning_rates": rates},
             diagnosis="; ".join(diagnose(snapshot)),
+            layers=tuple(implicated_layers(snapshot)),
         )
+
+    @override
+    def loss_metric(self) -> str:
+        return self.monitor or ""
 
     def _improves(self, loss: float, best: float) -> bool:
         if not math.isfinite(loss):
