@@ -148,7 +148,7 @@ def test_guard_state_round_trips_through_a_checkpoint_dict():
         (DeadReLUGuard, {"threshold": 0.0}, r"`threshold` must be in \(0, 1\], got 0.0"),
         (DeadReLUGuard, {"patience": -1}, "`patience` must be a positive int, got -1"),
         (DeadReLUGuard, {"hysteresis": 0.95}, r"`hysteresis` must be in \[0, threshold\), got 0.95"),
-        (DeadReLUGuard, {"action": "lower"}, r"`action` must be one of \('warn', 'reduce_lr', 'swap', 'stop'\).*got 'lower'"),
+        (DeadReLUGuard, {"action": "lower"}, r"must be one of \('warn', 'reduce_lr', 'swap', 'stop'\).*got 'lower'"),
         (DeadReLUGuard, {"action": ()}, "`action` must be one of"),
         (DeadReLUGuard, {"factor": 1.5}, r"`factor` must be in \(0, 1\), got 1.5"),
         (DeadReLUGuard, {"min_lr": -1.0}, "`min_lr` must be a non-negative number, got -1.0"),

@@ -69,7 +69,8 @@ def test_dead_relu_guard_swaps_only_the_dead_layers(tmp_path):
     swap = guard.events[0]
     dead = set(swap.evidence["dead_frac"])
     relus = {f"net.{index}" for index in (1, 3, 5)}
-    assert dead and dead <= relus
+    assert dead
+    assert dead <= relus
     assert {name for name in relus if isinstance(model.net.get_submodule(name.split(".")[1]), nn.LeakyReLU)} == dead
 
 
@@ -127,7 +128,8 @@ def test_a_checkpoint_after_a_swap_resumes_into_a_fresh_model_exactly(tmp_path):
     torch.testing.assert_close(restored.net(inputs), saved.net(inputs), rtol=0, atol=0)
     expected = optimizer_state_by_name(saved, trainer.optimizers[0])
     actual = optimizer_state_by_name(restored, restored_trainer.optimizers[0])
-    assert sorted(actual) == sorted(expected) and "net.1.weight" in actual
+    assert sorted(actual) == sorted(expected)
+    assert "net.1.weight" in actual
     for name, state in expected.items():
         torch.testing.assert_close(actual[name]["exp_avg_sq"], state["exp_avg_sq"], rtol=0, atol=0, msg=name)
 
@@ -148,8 +150,8 @@ def test_a_replacement_that_fails_to_build_is_an_event_not_a_crash(tmp_path):
 
     guard = SwapsAtFirstWindow(["net.1"], swap_mapping={nn.ReLU: broken}, every_n_steps=5, cooldown=10**6)
     model = DigitsMLP(depth=3, lr=0.1)
+    trainer = tiny_trainer(tmp_path, logger=False, callbacks=[guard], max_steps=10)
     with pytest.warns(ActGuardWarning, match="nothing swapped: building the replacement failed"):
-        trainer = tiny_trainer(tmp_path, logger=False, callbacks=[guard], max_steps=10)
         trainer.fit(model, digits_loaders())
     assert trainer.global_step == 10
     assert isinstance(model.net[1], nn.ReLU)
