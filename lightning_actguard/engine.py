@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from lightning_actguard._packing import FlatReader, ReduceSum, host_to_device, read_back
 from lightning_actguard.activations import ActivationLayer
 from lightning_actguard.collector import ActivationCollector
+from lightning_actguard.functional import FunctionalActivation, FunctionalActivationProbe
 from lightning_actguard.gradients import GradientCollector, GradientThresholds
 from lightning_actguard.losses import LossTracker
 from lightning_actguard.snapshot import WindowSnapshot
@@ -86,6 +87,11 @@ class Engine:
         self._intervals = 0
         self._batch_started: float | None = None
         self._read_back_seconds = 0.0
+        #: Activations applied functionally (``F.relu`` in a ``forward``), found on the first
+        #: measured batch; ``None`` until then. Hooks cannot see them.
+        self.functional: list[FunctionalActivation] | None = None
+        self.functional_reported = False
+        self._probe: FunctionalActivationProbe | None = None
 
     @property
     def consumers(self) -> list[str]:
@@ -188,6 +194,7 @@ class Engine:
         self._consumers.pop(id(consumer), None)
         if self._consumers:
             return
+        self._stop_probe()
         if self.activations is not None:
             self.activations.detach()
         if self.gradients is not None:
@@ -217,9 +224,26 @@ class Engine:
         self._histogram_window = every is not None and closes_at % every == 0
         if self.activations is not None:
             self.activations.start_batch(histograms=self._histogram_window, measure=self._measuring)
+            if self.functional is None and self._measuring:
+                self._start_probe()
+
+    def _start_probe(self) -> None:
+        """Look for functional activations during this batch's forward (once per run)."""
+        model = self._model()
+        if model is None or self.activations is None:
+            return
+        hooked = tuple({type(layer.module) for layer in self.activations.layers})
+        self._probe = FunctionalActivationProbe(model, extra_types=hooked)
+        self._probe.start()
+
+    def _stop_probe(self) -> None:
+        if self._probe is not None:
+            self.functional = self._probe.stop()
+            self._probe = None
 
     def pause(self) -> None:
         """Stop counting forwards until :meth:`resume` (backward recomputations)."""
+        self._stop_probe()
         if self.activations is not None:
             self.activations.pause()
 
@@ -247,6 +271,7 @@ class Engine:
         """
         if batch == self._ended:
             return self._ended_with
+        self._stop_probe()
         if self.activations is not None:
             self.activations.end_batch()
         self._ended, self._ended_with = batch, None

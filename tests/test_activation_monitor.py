@@ -232,3 +232,20 @@ def test_histogram_interval_must_be_a_multiple_of_the_window(tmp_path, known_dea
     with pytest.raises(ValueError, match=r"multiple of the logging window \(5 steps\), got 7"):
         trainer.fit(known_dead_model)
     assert engine_for(known_dead_model) is None
+
+
+class HalfFunctional(KnownDeadModel):
+    """KnownDeadModel whose head input also goes through F.gelu inside ``forward``: invisible to hooks."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.gelu(x))
+
+
+def test_functional_activations_are_named_once_and_leave_no_hooks_behind(tmp_path):
+    model = HalfFunctional()
+    monitor = ActivationMonitor(overhead_budget=None, print_summary=False)
+    with pytest.warns(ActGuardWarning, match=r"1 activation\(s\) are applied functionally: \(root\) applies gelu") as w:
+        tiny_trainer(tmp_path, logger=False, callbacks=[monitor], max_steps=10).fit(model)
+    assert sum("applied functionally" in str(warning.message) for warning in w) == 1
+    assert set(monitor.snapshot.activations) == {"features.1", "squash"}
+    assert all(not module._forward_pre_hooks for module in model.modules())

@@ -7,11 +7,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_actguard import _compat
+from lightning_actguard._warnings import ActGuardWarning
 from lightning_actguard.engine import DEFAULT_OVERHEAD_BUDGET, Engine, acquire
 from lightning_actguard.snapshot import WindowSnapshot
 
@@ -142,8 +144,20 @@ class EngineCallback(Callback):
         if self._engine.losses:
             self._engine.add_losses(batch_key, loss_values(trainer, outputs, self._engine.losses))
         snapshot = self._engine.end_batch(batch_key, trainer.global_step)
+        self._report_functional(self._engine)
         if snapshot is not None:
             self.on_window(trainer, pl_module, snapshot)
+
+    @staticmethod
+    def _report_functional(engine: Engine) -> None:
+        """Say once per run which activations the hooks cannot see because they are applied as functions."""
+        if not engine.functional or engine.functional_reported:
+            return
+        engine.functional_reported = True
+        found = "; ".join(finding.describe() for finding in engine.functional)
+        rank_zero_warn(
+            f"{len(engine.functional)} activation(s) are applied functionally: {found}.", category=ActGuardWarning
+        )
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
