@@ -71,7 +71,7 @@ def test_dead_relu_guard_swaps_only_the_dead_layers(tmp_path):
     relus = {f"net.{index}" for index in (1, 3, 5)}
     assert dead
     assert dead <= relus
-    assert {name for name in relus if isinstance(model.net.get_submodule(name.split(".")[1]), nn.LeakyReLU)} == dead
+    assert {name for name in relus if isinstance(model.net.get_submodule(name.split(".")[1]), nn.ELU)} == dead
 
 
 def test_a_learnable_replacement_joins_the_optimizer_and_trains(tmp_path):

@@ -63,7 +63,7 @@ class Guard(EngineCallback):
         print_summary: print the guard's events at the end of training (rank zero).
         swap_mapping: what ``"swap"`` replaces with what, as for
             :func:`~lightning_actguard.swap.swap_activations`; ``None`` for
-            :data:`~lightning_actguard.callbacks.DEFAULT_SWAPS` (ReLU -> LeakyReLU,
+            :data:`~lightning_actguard.callbacks.DEFAULT_SWAPS` (ReLU -> ELU,
             Sigmoid/Tanh-like -> SELU).
         swap_all: swap every layer the mapping matches, not only the layers the finding names.
         swap_init: re-initialise the weight layer feeding each swapped activation to suit the

@@ -38,7 +38,7 @@ class DeadReLUGuard(Guard):
         hysteresis: once triggered, the condition clears only when every layer is below
             ``threshold - hysteresis``, so a value hovering at the threshold does not flap.
         action: ``"warn"``, ``"reduce_lr"``, ``"swap"`` (the dead layers' activations, ReLU ->
-            LeakyReLU by default), ``"stop"``, or a ladder such as
+            ELU by default), ``"stop"``, or a ladder such as
             ``("warn", "reduce_lr", "stop")``.
         every_n_steps: window length in optimizer steps; ``None`` uses ``log_every_n_steps``.
         factor: ``reduce_lr`` multiplies every learning rate by this.
