@@ -102,13 +102,21 @@ class RecordLearningRate(pl.Callback):
         self.directory = directory
 
     def on_train_end(self, trainer, pl_module):
-        record = {"lr": trainer.optimizers[0].param_groups[0]["lr"], "global_step": trainer.global_step}
+        swapper = next(callback for callback in trainer.callbacks if "swap" in getattr(callback, "actions", ()))
+        record = {
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "global_step": trainer.global_step,
+            "activation": type(pl_module.act).__name__,
+            "swapped_at": [event.step for event in swapper.events if event.action == "swap"],
+        }
         (self.directory / f"lr{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 def test_guards_decide_on_statistics_reduced_across_ranks(tmp_path):
     plateau = LossPlateauGuard(action="reduce_lr", smoothing=0.0, every_n_steps=2, cooldown=100, print_summary=False)
     dead = DeadReLUGuard(threshold=0.5, action="stop", every_n_steps=2, print_summary=False)
+    # Unit 0 is dead on both ranks: 1/3 dead across ranks, above 0.3, so both swap ReLU -> ELU.
+    swap = DeadReLUGuard(threshold=0.3, hysteresis=0.0, action="swap", every_n_steps=2, print_summary=False)
     trainer = tiny_trainer(
         tmp_path,
         strategy="ddp_spawn",
@@ -116,11 +124,12 @@ def test_guards_decide_on_statistics_reduced_across_ranks(tmp_path):
         max_steps=4,
         use_distributed_sampler=False,
         logger=False,
-        callbacks=[plateau, dead, RecordLearningRate(tmp_path)],
+        callbacks=[plateau, dead, swap, RecordLearningRate(tmp_path)],
     )
     trainer.fit(RankDependentLoss())  # the guards' warnings are raised in the spawned processes
 
     # Both ranks lowered the rate at step 4 (divergence of the mean loss), and neither stopped although
     # rank 0's own dead fraction (2/3) is above the dead-unit guard's threshold.
     records = [json.loads((tmp_path / f"lr{rank}.json").read_text()) for rank in (0, 1)]
-    assert records[0] == records[1] == {"lr": 0.005, "global_step": 4}
+    expected = {"lr": 0.005, "global_step": 4, "activation": "ELU", "swapped_at": [2]}
+    assert records[0] == records[1] == expected
