@@ -54,6 +54,7 @@ def train(action: str, args: argparse.Namespace) -> tuple[dict[str, float], Loss
         max_epochs=args.epochs,
         callbacks=[guard],
         logger=False,
+        default_root_dir=f"actguard_demo_logs/swap_demo/{action}",  # where the guard's event log goes
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=False,
