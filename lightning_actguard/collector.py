@@ -107,28 +107,40 @@ class ActivationCollector:
 
     @property
     def layers(self) -> list[ActivationLayer]:
-        """The hooked layers, in the order they were attached."""
+        """The layers measured, in the order they were attached."""
         return list(self._layers.values())
 
     @property
     def attached(self) -> bool:
-        """Whether any hook is in place."""
+        """Whether any hook is in place (only during a measured batch)."""
         return bool(self._handles)
 
     def attach(self, layers: Iterable[ActivationLayer]) -> None:
-        """Hook ``layers``; layers already hooked are skipped."""
+        """Measure ``layers`` too; layers already attached are skipped.
+
+        The hooks themselves are only in place from :meth:`start_batch` of a measured batch to
+        :meth:`end_batch`: a module with no hook runs PyTorch's fast path, so batches that are
+        not measured (and validation) cost nothing, however many layers there are.
+        """
         for layer in layers:
             key = id(layer.module)
             if key in self._layers:
                 continue
             self._layers[key] = layer
-            self._hook(layer.module)
+            if self._measuring:
+                self._hook(layer.module)
 
     def _hook(self, module: nn.Module) -> None:
         self._handles[id(module)] = (
             module.register_forward_pre_hook(self._before_forward),
             module.register_forward_hook(self._after_forward),
         )
+
+    def _unhook_all(self) -> None:
+        for handles in self._handles.values():
+            for handle in handles:
+                handle.remove()
+        self._handles.clear()
 
     def replace(self, old: nn.Module, new: nn.Module) -> None:
         """Move the hooks of ``old`` to ``new``, which took its place in the model (a swapped activation).
@@ -140,11 +152,13 @@ class ActivationCollector:
         layer = self._layers.pop(id(old), None)
         if layer is None:
             return
-        for handle in self._handles.pop(id(old), ()):
+        hooked = self._handles.pop(id(old), ())
+        for handle in hooked:
             handle.remove()
         moved = ActivationLayer(layer.name, new, spec_for(new))
         self._layers[id(new)] = moved
-        self._hook(new)
+        if hooked:
+            self._hook(new)
         self._failed.discard(id(old))
         for (module, call), site in list(self._sites.items()):
             if module == id(old):
@@ -153,12 +167,10 @@ class ActivationCollector:
                 self._sites[(id(new), call)] = site
 
     def detach(self) -> None:
-        """Remove every hook; safe to call more than once."""
-        for handles in self._handles.values():
-            for handle in handles:
-                handle.remove()
-        self._handles.clear()
-        self._collecting = False
+        """Remove every hook and forget the layers; safe to call more than once."""
+        self._unhook_all()
+        self._layers.clear()
+        self._collecting = self._measuring = False
 
     # ------------------------------------------------------------------ batches
 
@@ -168,6 +180,11 @@ class ActivationCollector:
         self._measuring = self._collecting = measure
         self._want_histograms = histograms
         self.batches += measure
+        if not measure:
+            self._unhook_all()
+        elif not self._handles:
+            for layer in self._layers.values():
+                self._hook(layer.module)
 
     def pause(self) -> None:
         """Stop counting forwards (for example recomputations during backward)."""
@@ -178,9 +195,10 @@ class ActivationCollector:
         self._collecting = self._measuring
 
     def end_batch(self) -> None:
-        """Stop counting until the next :meth:`start_batch`."""
-        self._collecting = False
+        """Stop counting until the next :meth:`start_batch`, and take the hooks off."""
+        self._collecting = self._measuring = False
         self._want_histograms = False
+        self._unhook_all()
 
     def _site(self, module: nn.Module, call: int) -> _Site | None:
         key = id(module)

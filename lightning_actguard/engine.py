@@ -133,8 +133,8 @@ class Engine:
                 max_calls_per_module=chosen.max_calls_per_module,
             )
             if previous is not None:
-                previous.detach()
                 self.activations.attach(previous.layers)
+                previous.detach()
         self.activations.attach(layers)
 
     def use_gradients(

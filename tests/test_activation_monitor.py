@@ -154,20 +154,29 @@ def test_windows_count_optimizer_steps_under_gradient_accumulation(tmp_path, kno
 
 
 class CountHooks(pl.Callback):
+    """Hooks on the ReLU during each batch's backward (after its forward) and after each batch."""
+
+    def __init__(self):
+        self.during, self.after = [], []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.during.append(len(pl_module.features[1]._forward_hooks))
+
     def on_train_batch_end(self, trainer, pl_module, *args):
-        self.hooks = len(pl_module.features[1]._forward_hooks)
+        self.after.append(len(pl_module.features[1]._forward_hooks))
 
 
-def test_callbacks_share_one_set_of_hooks_and_remove_it_after_fit(tmp_path, known_dead_model):
+def test_callbacks_share_one_set_of_hooks_only_during_batches_and_remove_it_after_fit(tmp_path, known_dead_model):
     first, second, counter = (
-        ActivationMonitor(print_summary=False),
+        ActivationMonitor(print_summary=False, overhead_budget=None),
         ActivationMonitor(log_key_prefix="b_"),
         CountHooks(),
     )
     trainer = tiny_trainer(tmp_path, logger=False, callbacks=[first, second, counter])
     trainer.fit(known_dead_model)
 
-    assert counter.hooks == 1
+    assert counter.during == [1] * 20
+    assert counter.after == [0] * 20
     assert first.snapshot is second.snapshot
     assert engine_for(known_dead_model) is None
     assert all(not module._forward_hooks and not module._forward_pre_hooks for module in known_dead_model.modules())

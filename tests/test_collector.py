@@ -221,10 +221,29 @@ def test_histogram_buckets_match_torch_histogram():
     assert set(histogram.limits) <= set(_stats.histogram_limits(spec_for(nn.ReLU())))
 
 
+def test_hooks_are_in_place_only_during_measured_batches():
+    model = ReusesOneActivation()
+    collector = ActivationCollector()
+    collector.attach(find_activation_layers(model))
+    hooks = lambda: (len(model.act._forward_pre_hooks), len(model.act._forward_hooks))  # noqa: E731
+    assert hooks() == (0, 0)
+    collector.start_batch(measure=False)
+    assert hooks() == (0, 0)
+    collector.end_batch()
+    collector.start_batch()
+    assert hooks() == (1, 1)
+    collector.start_batch()  # a repeated start does not hook twice
+    assert hooks() == (1, 1)
+    collector.end_batch()
+    assert hooks() == (0, 0)
+    collector.detach()
+
+
 def test_detach_removes_every_hook_and_the_model_pickles():
     model = ReusesOneActivation()
     collector = ActivationCollector()
     collector.attach(find_activation_layers(model))
+    collector.start_batch()
     assert model.act._forward_hooks
     assert model.act._forward_pre_hooks
     collector.detach()
@@ -259,13 +278,13 @@ def test_replace_moves_the_hooks_and_keeps_the_layer_name_with_the_new_spec():
     collector.attach(find_activation_layers(model))
     old, new = model[1], nn.ReLU()
     model[1] = new
+    collector.start_batch()  # hooks in place, then moved
     collector.replace(old, new)
     assert (len(old._forward_hooks), len(old._forward_pre_hooks)) == (0, 0)
     assert (len(new._forward_hooks), len(new._forward_pre_hooks)) == (1, 1)
     with torch.no_grad():
         model[0].weight.zero_()
         model[0].bias.copy_(torch.tensor([1.0, -1.0, -1.0, 2.0]))
-    collector.start_batch()
     model(torch.randn(5, 3))
     collector.end_batch()
     (layer,) = collector.read()
