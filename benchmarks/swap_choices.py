@@ -43,7 +43,8 @@ from torch import nn
 
 from lightning_actguard.diagnosis import DIAGNOSIS_LIMITS
 from lightning_actguard.param_groups import adopt_parameters
-from lightning_actguard.swap import feeding_layer, init_for_activation, swap_activations
+from lightning_actguard.revive import feeding_layer
+from lightning_actguard.swap import init_for_activation, swap_activations
 
 WIDTH = 64
 BATCH = 64

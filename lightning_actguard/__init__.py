@@ -5,6 +5,7 @@ from lightning_actguard.activations import ActivationSpec, find_activation_layer
 from lightning_actguard.callbacks import (
     ActivationMonitor,
     DeadReLUGuard,
+    FinetuneGuard,
     GradientMonitor,
     LossPlateauGuard,
     restore_swaps,
@@ -23,6 +24,7 @@ __all__ = [
     "ActivationSpec",
     "ActivationStats",
     "DeadReLUGuard",
+    "FinetuneGuard",
     "GradientCollector",
     "GradientLayerStats",
     "GradientMonitor",

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lightning_actguard._packing import FlatReader, read_back
 
-__all__ = ["DriftReport", "DriftTracker", "Membership", "optimizer_membership"]
+__all__ = ["DriftReport", "DriftTracker", "Membership", "drift_layers", "optimizer_membership"]
 
 #: Elements of parameter differences materialised at once.
 DEFAULT_CHUNK_ELEMENTS = 2**24
@@ -127,19 +127,10 @@ class DriftTracker:
         reference: Mapping[str, Tensor] | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
-        self.names: list[str] = []
-        self.layer_of: dict[str, str] = {}
-        self._params: list[Tensor] = []
-        seen: set[int] = set()
-        for module_name, module in model.named_modules():
-            for param_name, param in module.named_parameters(recurse=False):
-                if id(param) in seen or not param.is_floating_point():
-                    continue
-                seen.add(id(param))
-                name = f"{module_name}.{param_name}" if module_name else param_name
-                self.names.append(name)
-                self.layer_of[name] = module_name or "(root)"
-                self._params.append(param)
+        found = _floating_parameters(model)
+        self.names: list[str] = [name for name, _, _ in found]
+        self.layer_of: dict[str, str] = {name: layer for name, layer, _ in found}
+        self._params: list[Tensor] = [param for _, _, param in found]
         self._reference = [
             self._reference_for(name, param, reference) for name, param in zip(self.names, self._params, strict=True)
         ]
@@ -191,6 +182,30 @@ class DriftTracker:
         if not pieces:
             return DriftReport({}, {})
         return self.unpack(read_back(pieces))
+
+
+def drift_layers(model: nn.Module) -> list[str]:
+    """The layers a :class:`DriftTracker` of ``model`` reports on, in registration order.
+
+    Example:
+        >>> drift_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)))
+        ['0', '2']
+    """
+    return list(dict.fromkeys(layer for _, layer, _ in _floating_parameters(model)))
+
+
+def _floating_parameters(model: nn.Module) -> list[tuple[str, str, Tensor]]:
+    """``(parameter name, layer name, parameter)`` for each floating-point parameter, each once."""
+    found: list[tuple[str, str, Tensor]] = []
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen or not param.is_floating_point():
+                continue
+            seen.add(id(param))
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            found.append((name, module_name or "(root)", param))
+    return found
 
 
 def _ratio(change_squared: float, reference_squared: float) -> float:

@@ -1,7 +1,8 @@
 """The pretrained model's health, and the rules that judge each fine-tuning window against it.
 
-Plain Python on the numbers of a :class:`~lightning_actguard.snapshot.WindowSnapshot`. A window
-*breaches* when one of these holds (each rule can be turned off):
+Plain PyTorch, no Lightning. The rules read the plain numbers of a
+:class:`~lightning_actguard.snapshot.WindowSnapshot`; a window *breaches* when one of these holds
+(each rule can be turned off):
 
 * a layer of the ReLU family has a dead-unit fraction more than ``dead_margin`` above the
   baseline's (0.1: ten more units in a hundred have stopped firing);
@@ -9,8 +10,8 @@ Plain Python on the numbers of a :class:`~lightning_actguard.snapshot.WindowSnap
   the baseline's;
 * the loss spiked: see :func:`loss_spike`; or a loss, or a gradient, was NaN or infinite;
 * a layer drifted from its pretrained weights beyond its budget;
-* the canary (a batch of the original task) lost more than ``canary_margin`` over its pretrained
-  loss: the model is forgetting.
+* the loss of the canary (a batch of the original task) rose more than ``canary_margin`` over
+  its pretrained value: the model is forgetting.
 
 :class:`BaselineRecorder` measures the baseline on one batch with its own temporary hooks, and
 :func:`rates_above_cap` finds the starting learning rates above a cap.
@@ -215,7 +216,11 @@ class HealthRules:
         loss_spike_ratio: a loss above this many times the reference is a spike (see
             :func:`loss_spike`); greater than 1.
         loss_spike_min_delta: and only if it is also this much above it in absolute terms, so a
-            loss near zero that doubles (0.01 to 0.02) is no spike; non-negative.
+            loss near zero that doubles (0.01 to 0.02) is no spike; non-negative. It also absorbs
+            the noise of the baseline loss, measured on one batch: the mean cross-entropy of a
+            batch of 32 varies by about 0.1 per misclassified sample, and a lucky first batch can
+            read a third of the true level. 0.25 suits cross-entropy with batches of 32 or more;
+            raise it for smaller batches or losses of a larger scale.
         canary_margin: allowed rise of the canary loss over its pretrained value, in the loss's
             own units; positive.
 
@@ -226,7 +231,7 @@ class HealthRules:
     dead_margin: float | None = 0.1
     saturation_margin: float | None = 0.2
     loss_spike_ratio: float | None = 2.0
-    loss_spike_min_delta: float = 0.1
+    loss_spike_min_delta: float = 0.25
     canary_margin: float | None = 0.5
 
     def __post_init__(self) -> None:

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_actguard.activations import TORCH_ACTIVATIONS
+
 __all__ = ["Revival", "Reviver", "feeding_layer", "revivable", "revive_units"]
 
 
@@ -33,13 +35,14 @@ def revivable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def feeding_layer(model: nn.Module, activation: str, units: int) -> tuple[str, nn.Module] | None:
+def feeding_layer(model: nn.Module, activation: str, units: int | None = None) -> tuple[str, nn.Module] | None:
     """The weight layer whose outputs are the units of activation layer ``activation``.
 
     The rule: the nearest module before ``activation`` in ``model.named_modules()`` order that
     has a weight of two or more dimensions, provided it is a ``Linear`` or a (non-transposed)
-    convolution with ``units`` outputs. Layers without such a weight in between (BatchNorm,
-    LayerNorm, Dropout) are stepped over.
+    convolution with ``units`` outputs and no other activation (:data:`~lightning_actguard.
+    activations.TORCH_ACTIVATIONS`) comes between. Layers without such a weight in between
+    (BatchNorm, LayerNorm, Dropout) are stepped over.
 
     Limits: registration order is not always the order of the forward pass (a model that
     registers its activation before its layers, or applies one activation module after several
@@ -51,7 +54,7 @@ def feeding_layer(model: nn.Module, activation: str, units: int) -> tuple[str, n
     Args:
         model: the model.
         activation: qualified name of the activation module.
-        units: number of units the activation has.
+        units: number of units the activation has; ``None`` skips the size check.
 
     Returns:
         ``(name, module)``, or ``None`` when the rule finds no matching layer.
@@ -64,12 +67,16 @@ def feeding_layer(model: nn.Module, activation: str, units: int) -> tuple[str, n
     nearest: tuple[str, nn.Module] | None = None
     for name, module in model.named_modules():
         if name == activation:
-            if nearest is None or not revivable(nearest[1]) or nearest[1].weight.shape[0] != units:
+            if nearest is None or not revivable(nearest[1]):
+                return None
+            if units is not None and nearest[1].weight.shape[0] != units:
                 return None
             return nearest
         weight = getattr(module, "weight", None)
         if isinstance(weight, Tensor) and weight.dim() >= 2:
             nearest = (name, module)
+        elif isinstance(module, TORCH_ACTIVATIONS):
+            nearest = None
     return None
 
 

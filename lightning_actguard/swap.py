@@ -30,7 +30,6 @@ __all__ = [
     "Replacement",
     "Swap",
     "SwapReport",
-    "feeding_layer",
     "init_for_activation",
     "reapply_swaps",
     "swap_activations",
@@ -437,24 +436,3 @@ def init_for_activation(layer: nn.Module, activation: nn.Module) -> str | None:
 
 
 _KAIMING_FAMILY = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish)
-
-
-def feeding_layer(model: nn.Module, activation_name: str) -> tuple[str, nn.Module] | None:
-    """The weight layer that feeds the activation called ``activation_name``, by registration order.
-
-    The rule: the nearest module registered before the activation that has a ``weight`` of two or
-    more dimensions. It holds for models written as a sequence of layer and activation
-    (``nn.Sequential`` and most blocks); a model whose ``forward`` wires modules in another order
-    than it registers them can get the wrong layer.
-
-    Returns:
-        ``(qualified name, module)``, or ``None`` when no weight layer comes before it.
-    """
-    found = None
-    for name, module in model.named_modules():
-        if name == activation_name:
-            return found
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
-            found = (name, module)
-    return None

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from lightning_actguard.param_groups import adopt_parameters, release_parameters
-from lightning_actguard.swap import reapply_swaps, swap_activations, swap_records
+from lightning_actguard.swap import init_for_activation, reapply_swaps, swap_activations, swap_records
 
 
 class Block(nn.Module):
@@ -196,3 +196,17 @@ def test_new_parameters_join_the_group_of_their_neighbour_in_model_order():
     release_parameters([optimizer], report.new_parameters())
     assert model[1].weight not in optimizer.state
     assert all(id(p) != id(model[1].weight) for g in optimizer.param_groups for p in g["params"])
+
+
+def test_init_for_activation_draws_the_variance_each_activation_expects():
+    torch.manual_seed(0)
+    layer = nn.Linear(400, 300)
+    assert init_for_activation(layer, nn.SELU()) == "lecun_normal"
+    assert layer.weight.var().item() == pytest.approx(1 / 400, rel=0.02)
+    assert torch.count_nonzero(layer.bias) == 0
+    assert init_for_activation(layer, nn.ReLU()) == "kaiming_normal"
+    assert layer.weight.var().item() == pytest.approx(2 / 400, rel=0.02)
+    before = layer.weight.clone()
+    assert init_for_activation(layer, nn.Sigmoid()) is None
+    assert torch.equal(layer.weight, before)
+    assert init_for_activation(nn.LayerNorm(4), nn.ReLU()) is None

@@ -75,11 +75,12 @@ def test_dead_relu_guard_swaps_only_the_dead_layers(tmp_path):
 
 
 def test_a_learnable_replacement_joins_the_optimizer_and_trains(tmp_path):
-    guard = SwapsAtFirstWindow(["net.1", "net.3"], swap_mapping={nn.ReLU: nn.PReLU}, every_n_steps=5, cooldown=10**6)
+    guard = SwapsAtFirstWindow(["net.1", "net.3"], swap_mapping={nn.ReLU: nn.PReLU}, swap_init=True, every_n_steps=5)
     model = DigitsMLP(depth=4, lr=0.1)
     with pytest.warns(ActGuardWarning, match="swap"):
         tiny_trainer(tmp_path, logger=False, callbacks=[guard], max_steps=40).fit(model, digits_loaders())
 
+    assert "re-initialised 'net.0' (kaiming_normal), 'net.2' (kaiming_normal)" in guard.events[0].outcome
     optimized = {id(param) for group in model.optimizers().optimizer.param_groups for param in group["params"]}
     for index in (1, 3):
         assert isinstance(model.net[index], nn.PReLU)

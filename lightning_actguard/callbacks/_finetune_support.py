@@ -59,9 +59,9 @@ def cross_entropy_canary(model: nn.Module, canary: Any) -> Tensor:
 
 def drift_table(drift: DriftReport, budgets: Mapping[str, float]) -> Table:
     """One row per layer: relative drift from the pretrained weights, and its budget."""
-    table = Table(title="Drift from the pretrained weights (||w - w0|| / ||w0||)")
+    table = Table(title="Drift from the pretrained weights")
     table.add_column("layer", no_wrap=True)
-    table.add_column("drift", justify="right")
+    table.add_column("||w - w0|| / ||w0||", justify="right")
     table.add_column("budget", justify="right")
     for layer, value in drift.layers.items():
         budget = budgets.get(layer)
@@ -99,6 +99,15 @@ def checked_budget(budget: object, track_drift: bool) -> float | dict[str, float
     for value in budget.values() if isinstance(budget, Mapping) else [budget]:
         check_number("drift_budget", value, allowed, lambda number: number > 0)
     return {str(name): float(value) for name, value in budget.items()} if isinstance(budget, Mapping) else float(budget)  # type: ignore[arg-type]
+
+
+def check_budget_names(budgets: Mapping[str, float], layers: Collection[str]) -> None:
+    """Raise ``ValueError`` when ``drift_budget`` names a layer the drift is not measured for."""
+    unknown = sorted(name for name in budgets if name not in layers)
+    if unknown:
+        raise ValueError(
+            f"`drift_budget` names layers that own no floating-point parameters: {unknown}; they are {list(layers)}."
+        )
 
 
 def check_canary(canary: object, canary_loss: object) -> None:

@@ -24,12 +24,12 @@ from torch import nn
 from lightning_actguard.callbacks._actions import Outcome, Situation
 from lightning_actguard.engine import Engine
 from lightning_actguard.param_groups import adopt_parameters, release_parameters
+from lightning_actguard.revive import feeding_layer
 from lightning_actguard.snapshot import WindowSnapshot
 from lightning_actguard.swap import (
     Replacement,
     Selector,
     SwapReport,
-    feeding_layer,
     init_for_activation,
     reapply_swaps,
     swap_activations,

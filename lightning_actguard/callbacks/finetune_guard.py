@@ -21,7 +21,7 @@ from lightning_actguard.callbacks import _finetune_support as support
 from lightning_actguard.callbacks._engine_callback import EngineCallback, check_positive_int, loss_values
 from lightning_actguard.callbacks._guard import _record, events_table, log_dir_of
 from lightning_actguard.callbacks.dead_relu_guard import current_learning_rates, layer_can_die
-from lightning_actguard.drift import DriftReport, DriftTracker, optimizer_membership
+from lightning_actguard.drift import DriftReport, DriftTracker, drift_layers, optimizer_membership
 from lightning_actguard.engine import DEFAULT_OVERHEAD_BUDGET, Engine
 from lightning_actguard.events import EventLog, GuardEvent
 from lightning_actguard.finetune_health import (
@@ -103,7 +103,9 @@ class FinetuneGuard(EngineCallback):
         dead_margin: allowed rise of a layer's dead-unit fraction, in (0, 1], or ``None`` (off).
         saturation_margin: allowed rise of a bounded layer's saturated share, in (0, 1], or ``None``.
         loss_spike_ratio: see above; greater than 1, or ``None``.
-        loss_spike_min_delta: see above; non-negative, in the loss's units.
+        loss_spike_min_delta: see above; non-negative, in the loss's units. It also absorbs the
+            noise of the one-batch baseline loss (see :class:`~lightning_actguard.finetune_health.
+            HealthRules`); raise it for small batches or losses of a larger scale than cross-entropy.
         every_n_steps: window length in optimizer steps; ``None`` uses ``log_every_n_steps``.
         snapshot_every_n_steps: healthy steps between snapshot refreshes, a multiple of the window
             (default: two windows).
@@ -151,7 +153,7 @@ class FinetuneGuard(EngineCallback):
         dead_margin: float | None = 0.1,
         saturation_margin: float | None = 0.2,
         loss_spike_ratio: float | None = 2.0,
-        loss_spike_min_delta: float = 0.1,
+        loss_spike_min_delta: float = 0.25,
         every_n_steps: int | None = None,
         snapshot_every_n_steps: int | None = None,
         snapshot_to: Literal["memory", "disk"] = "memory",
@@ -245,6 +247,8 @@ class FinetuneGuard(EngineCallback):
             raise ValueError(
                 f"`snapshot_every_n_steps` must be a multiple of the window ({window} steps), got {every}."
             )
+        if isinstance(self.drift_budget, Mapping):
+            support.check_budget_names(self.drift_budget, drift_layers(pl_module))
         layers = find_activation_layers(pl_module)
         if isinstance(self.revive, Mapping):
             support.check_revive_names(self.revive, [layer.name for layer in layers], dict(pl_module.named_modules()))
@@ -285,13 +289,18 @@ class FinetuneGuard(EngineCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        if self.baseline is None and self._recorder is None and self._engine is not None:
-            measured = self._engine.activations
-            self._recorder = BaselineRecorder(
-                measured.layers if measured is not None else [],
-                unit_dim=measured.unit_dim if measured is not None else "auto",
-                saturation_eps=measured.saturation_eps if measured is not None else 0.01,
-            )
+        if self.baseline is not None or self._recorder is not None or self._engine is None:
+            return
+        measured = self._engine.activations  # the same layers and settings, so that names and numbers match
+        if measured is None:
+            self._recorder = BaselineRecorder([])
+            return
+        self._recorder = BaselineRecorder(
+            measured.layers,
+            unit_dim=measured.unit_dim,
+            saturation_eps=measured.saturation_eps,
+            max_calls_per_module=measured.max_calls_per_module,
+        )
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
