@@ -85,6 +85,9 @@ class Engine:
         self._measured_batches = 0
         self._wall = 0.0
         self._intervals = 0
+        self._measured_wall = 0.0
+        self._measured_intervals = 0
+        self._cost_per_measured: float | None = None
         self._batch_started: float | None = None
         self._read_back_seconds = 0.0
         #: Activations applied functionally (``F.relu`` in a ``forward``), found on the first
@@ -214,6 +217,9 @@ class Engine:
         if self._batch_started is not None:
             self._wall += now - self._batch_started
             self._intervals += 1
+            if self._measuring:  # the batch that just ended
+                self._measured_wall += now - self._batch_started
+                self._measured_intervals += 1
         self._batch_started = now
         # The first batch of every window is measured, then every `sample_every`-th.
         self._measuring = self._batches % self.sample_every == 0
@@ -306,26 +312,47 @@ class Engine:
         work = sum(source.seconds for source in collectors) + self._read_back_seconds
         for source in collectors:
             source.seconds = 0.0
-        return [work, self._wall, float(self._intervals), float(self._measured_batches), float(self._batches)]
+        return [
+            work,
+            self._wall,
+            float(self._intervals),
+            self._measured_wall,
+            float(self._measured_intervals),
+            float(self._measured_batches),
+            float(self._batches),
+        ]
 
     def _choose_sampling(self, cost: list[float]) -> None:
         """Pick how many batches apart to measure, so that measuring stays within the overhead budget.
 
-        The cost of a measured batch (the hooks' time plus the last read-back, spread over the
-        measured batches) is compared with the time of a training batch without it. The numbers
-        are summed across processes first, so every process picks the same spacing.
+        What a measured batch costs is taken as the larger of two estimates: the time spent in
+        the hooks and the read-back, spread over the measured batches; and, once a window has
+        both kinds, how much longer measured batches took than the others, which also counts
+        what the hooks' timers cannot see (PyTorch's slower path for a module with hooks,
+        putting the hooks on and off). It is averaged with the previous windows' estimate and
+        compared with the time of a batch that is not measured. The numbers are summed across
+        processes first, so every process picks the same spacing.
         """
-        work, wall, intervals, measured, batches = cost
+        work, wall, intervals, measured_wall, measured_intervals, measured, batches = cost
         self._measured_batches, self._wall, self._intervals = 0, 0.0, 0
+        self._measured_wall, self._measured_intervals = 0.0, 0
         if self.overhead_budget is None:
             self.sample_every = 1
             return
         if not measured or not intervals or not batches:
             return
+        per_measured = work / measured
         plain_batch = wall / intervals - work / batches
+        unmeasured_intervals = intervals - measured_intervals
+        if measured_intervals and unmeasured_intervals:
+            plain_batch = (wall - measured_wall) / unmeasured_intervals
+            per_measured = max(per_measured, measured_wall / measured_intervals - plain_batch)
+        if self._cost_per_measured is not None:
+            per_measured = (per_measured + self._cost_per_measured) / 2
+        self._cost_per_measured = per_measured
         if plain_batch <= 0:
             return
-        wanted = math.ceil(work / measured / (self.overhead_budget * plain_batch))
+        wanted = math.ceil(per_measured / (self.overhead_budget * plain_batch))
         self.sample_every = min(max(wanted, 1), _MAX_SAMPLE_EVERY)
 
     def _read_window(self, step: int) -> WindowSnapshot:
