@@ -87,7 +87,7 @@ class Engine:
         self._intervals = 0
         self._measured_wall = 0.0
         self._measured_intervals = 0
-        self._cost_per_measured: float | None = None
+        self._observed_cost: float | None = None
         self._batch_started: float | None = None
         self._read_back_seconds = 0.0
         #: Activations applied functionally (``F.relu`` in a ``forward``), found on the first
@@ -329,7 +329,7 @@ class Engine:
         the hooks and the read-back, spread over the measured batches; and, once a window has
         both kinds, how much longer measured batches took than the others, which also counts
         what the hooks' timers cannot see (PyTorch's slower path for a module with hooks,
-        putting the hooks on and off). It is averaged with the previous windows' estimate and
+        putting the hooks on and off), averaged with the previous windows' such estimate. It is
         compared with the time of a batch that is not measured. The numbers are summed across
         processes first, so every process picks the same spacing.
         """
@@ -346,10 +346,11 @@ class Engine:
         unmeasured_intervals = intervals - measured_intervals
         if measured_intervals and unmeasured_intervals:
             plain_batch = (wall - measured_wall) / unmeasured_intervals
-            per_measured = max(per_measured, measured_wall / measured_intervals - plain_batch)
-        if self._cost_per_measured is not None:
-            per_measured = (per_measured + self._cost_per_measured) / 2
-        self._cost_per_measured = per_measured
+            observed = measured_wall / measured_intervals - plain_batch
+            if self._observed_cost is not None:
+                observed = (observed + self._observed_cost) / 2
+            self._observed_cost = observed
+            per_measured = max(per_measured, observed)
         if plain_batch <= 0:
             return
         wanted = math.ceil(per_measured / (self.overhead_budget * plain_batch))

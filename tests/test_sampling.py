@@ -37,6 +37,13 @@ def test_measured_batches_that_run_slower_than_the_hooks_account_for_widen_the_s
     assert engine.sample_every == 15
 
 
+def test_a_first_window_timed_by_the_hooks_only_does_not_dilute_what_is_observed_later(engine):
+    engine._choose_sampling(timings(0.01, 1.0, 10, 0.0, 0, 10, 10))  # 1 ms timed, measure every batch
+    assert engine.sample_every == 1
+    engine._choose_sampling(timings(0.002, 0.3, 2, 0.8, 8, 2, 10))  # 50 ms observed
+    assert engine.sample_every == 25
+
+
 def test_without_a_budget_every_batch_is_measured(engine):
     engine.overhead_budget = None
     engine._choose_sampling(timings(0.002, 0.3, 2, 0.8, 8, 2, 10))
