@@ -216,16 +216,7 @@ class Guard(EngineCallback):
             undo=outcome.undo,
         )
         self.events.append(event)
-        self._publish(trainer, event)
-
-    def _publish(self, trainer: pl.Trainer, event: GuardEvent) -> None:
-        message = f"{event.guard} at step {event.step}: {event.condition}."
-        if event.diagnosis:
-            message += f" Diagnosis: {event.diagnosis}."
-        if event.action != "warn":
-            message += f" Action: {event.outcome}."
-        rank_zero_warn(message, category=ActGuardWarning)
-        _record(trainer, event, self._event_log)
+        publish_event(trainer, event, self._event_log)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -300,6 +291,17 @@ class Guard(EngineCallback):
         self._last_action_step = state_dict.get("last_action_step")
         self.events = [GuardEvent.from_dict(values) for values in state_dict.get("events", [])]
         self.load_guard_state(state_dict.get("guard", {}))
+
+
+def publish_event(trainer: pl.Trainer, event: GuardEvent, event_log: EventLog | None) -> None:
+    """Warn (rank zero) with the event's condition, diagnosis and action, and record it everywhere it belongs."""
+    message = f"{event.guard} at step {event.step}: {event.condition}."
+    if event.diagnosis:
+        message += f" Diagnosis: {event.diagnosis}."
+    if event.action != "warn":
+        message += f" Action: {event.outcome}."
+    rank_zero_warn(message, category=ActGuardWarning)
+    _record(trainer, event, event_log)
 
 
 @rank_zero_only

@@ -19,7 +19,7 @@ from lightning_actguard._warnings import ActGuardWarning
 from lightning_actguard.activations import find_activation_layers
 from lightning_actguard.callbacks import _finetune_support as support
 from lightning_actguard.callbacks._engine_callback import EngineCallback, check_positive_int, loss_values
-from lightning_actguard.callbacks._guard import _record, events_table, log_dir_of
+from lightning_actguard.callbacks._guard import events_table, log_dir_of, publish_event
 from lightning_actguard.callbacks.dead_relu_guard import current_learning_rates, layer_can_die
 from lightning_actguard.drift import DriftReport, DriftTracker, drift_layers, optimizer_membership
 from lightning_actguard.engine import DEFAULT_OVERHEAD_BUDGET, Engine
@@ -533,13 +533,7 @@ class FinetuneGuard(EngineCallback):
         severity = {"warn": "warning", "stop": "stop"}.get(action, "action")
         event = GuardEvent(step, "FinetuneGuard", severity, condition, dict(evidence), diagnosis, action, outcome, undo)
         self.events.append(event)
-        message = f"FinetuneGuard at step {step}: {condition}."
-        if diagnosis:
-            message += f" Diagnosis: {diagnosis}."
-        if action != "warn":
-            message += f" Action: {outcome}."
-        rank_zero_warn(message, category=ActGuardWarning)
-        _record(trainer, event, self._event_log)
+        publish_event(trainer, event, self._event_log)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
