@@ -28,7 +28,7 @@ from lightning_actguard.gradients import GradientCollector, GradientThresholds
 from lightning_actguard.losses import LossTracker
 from lightning_actguard.snapshot import WindowSnapshot
 
-__all__ = ["ActivationSettings", "Engine", "GradientSettings", "acquire", "engine_for"]
+__all__ = ["ActivationSettings", "Engine", "GradientSettings", "OverheadEstimate", "acquire", "engine_for"]
 
 #: Share of the training step time the measuring may take before it samples fewer batches.
 DEFAULT_OVERHEAD_BUDGET = 0.02
@@ -81,15 +81,22 @@ class Engine:
         self._histogram_window = False
         self.overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET
         self.sample_every = 1
+        #: Estimated share of the step time the consumers took in the last window read back.
+        self.overhead: float | None = None
+        #: What the consumers cost, as last estimated; ``None`` before the first window.
+        self.estimate: OverheadEstimate | None = None
+        #: Even one measured batch per window costs more than the budget.
+        self.over_budget = False
+        self.over_budget_reported = False
         self._measuring = True
         self._measured_batches = 0
-        self._wall = 0.0
-        self._intervals = 0
-        self._measured_wall = 0.0
-        self._measured_intervals = 0
+        self._timing = _BatchTimes()
         self._observed_cost: float | None = None
+        self._fixed_cost = 0.0
         self._batch_started: float | None = None
-        self._read_back_seconds = 0.0
+        self._charged = 0.0
+        self._interrupted = False
+        self._closed = False
         #: Activations applied functionally (``F.relu`` in a ``forward``), found on the first
         #: measured batch; ``None`` until then. Hooks cannot see them.
         self.functional: list[FunctionalActivation] | None = None
@@ -215,12 +222,8 @@ class Engine:
         self._batch = batch
         now = time.perf_counter()
         if self._batch_started is not None:
-            self._wall += now - self._batch_started
-            self._intervals += 1
-            if self._measuring:  # the batch that just ended
-                self._measured_wall += now - self._batch_started
-                self._measured_intervals += 1
-        self._batch_started = now
+            self._count_interval(now - self._batch_started)
+        self._batch_started, self._charged, self._interrupted, self._closed = now, 0.0, False, False
         # The first batch of every window is measured, then every `sample_every`-th.
         self._measuring = self._batches % self.sample_every == 0
         self._measured_batches += self._measuring
@@ -232,6 +235,21 @@ class Engine:
             self.activations.start_batch(histograms=self._histogram_window, measure=self._measuring)
             if self.functional is None and self._measuring:
                 self._start_probe()
+
+    def charge(self, seconds: float) -> None:
+        """Count ``seconds`` a consumer spent on the current batch (its hooks, logging, judging)."""
+        self._charged += seconds
+
+    def interrupt(self) -> None:
+        """Leave the current batch's interval out of the timings (validation or an epoch's end runs in it)."""
+        self._interrupted = True
+
+    def _count_interval(self, seconds: float) -> None:
+        """File the time from the start of the batch that just ended to the start of this one."""
+        if self._closed:  # what the batch cost beyond the others is the window's reading and logging
+            self._timing.window_end += self._charged
+        elif not self._interrupted:
+            self._timing.add(seconds, self._charged, measured=self._measuring)
 
     def _start_probe(self) -> None:
         """Look for functional activations during this batch's forward (once per run)."""
@@ -283,6 +301,7 @@ class Engine:
         self._ended, self._ended_with = batch, None
         if step != self._last_closed_step and step > 0 and step % self.every_n_steps == 0:
             self._ended_with = self.close_window(step)
+            self._closed = True
         return self._ended_with
 
     def flush(self, step: int) -> WindowSnapshot | None:
@@ -301,59 +320,68 @@ class Engine:
 
     def close_window(self, step: int) -> WindowSnapshot:
         """Read the current window now: one reduction, one copy to the host, for everything measured."""
-        start = time.perf_counter()
-        snapshot = self._read_window(step)
-        self._read_back_seconds = time.perf_counter() - start
-        return snapshot
+        return self._read_window(step)
 
     def _cost(self) -> list[float]:
-        """This window's measuring and training time, summed across processes with the statistics."""
+        """This window's timings, summed across processes with the statistics.
+
+        Measuring work timed inside the hooks, the measured and unmeasured batches' intervals,
+        the time the consumers spent on unmeasured batches and at the previous window's end, and
+        the counts of measured and all batches.
+        """
         collectors = [source for source in (self.activations, self.gradients) if source is not None]
-        work = sum(source.seconds for source in collectors) + self._read_back_seconds
+        work = sum(source.seconds for source in collectors)
         for source in collectors:
             source.seconds = 0.0
-        return [
-            work,
-            self._wall,
-            float(self._intervals),
-            self._measured_wall,
-            float(self._measured_intervals),
-            float(self._measured_batches),
-            float(self._batches),
-        ]
+        timing, self._timing = self._timing, _BatchTimes()
+        return [work, *timing.values(), float(self._measured_batches), float(self._batches)]
 
     def _choose_sampling(self, cost: list[float]) -> None:
-        """Pick how many batches apart to measure, so that measuring stays within the overhead budget.
+        """Estimate what the consumers cost, and space the measured batches to stay within the budget.
 
-        What a measured batch costs is taken as the larger of two estimates: the time spent in
-        the hooks and the read-back, spread over the measured batches; and, once a window has
-        both kinds, how much longer measured batches took than the others, which also counts
-        what the hooks' timers cannot see (PyTorch's slower path for a module with hooks,
-        putting the hooks on and off), averaged with the previous windows' such estimate. It is
-        compared with the time of a batch that is not measured. The numbers are summed across
-        processes first, so every process picks the same spacing.
+        See :class:`OverheadEstimate` for the model. ``c`` is how much longer measured batches
+        took than unmeasured ones, averaged with the previous windows' figure, which also counts
+        what no timer inside a hook sees (PyTorch's slower path for a module with hooks), and at
+        least the time spent in the hooks; before any batch went unmeasured, only the latter.
+        ``f`` is the consumers' own time on unmeasured batches, ``W`` their time on the batch
+        that closed the previous window. The spacing is the smallest that keeps the cost within
+        ``overhead_budget`` of the training time. The numbers are summed across processes first,
+        so every process picks the same spacing.
         """
-        work, wall, intervals, measured_wall, measured_intervals, measured, batches = cost
-        self._measured_batches, self._wall, self._intervals = 0, 0.0, 0
-        self._measured_wall, self._measured_intervals = 0.0, 0
-        if self.overhead_budget is None:
-            self.sample_every = 1
+        work, measured_wall, measured_intervals, unmeasured_wall, unmeasured_intervals, charged, window_end = cost[:7]
+        measured, batches = cost[7:]
+        self._measured_batches = 0
+        if not measured or not batches:
             return
-        if not measured or not intervals or not batches:
-            return
+        if unmeasured_intervals:
+            self._fixed_cost = charged / unmeasured_intervals
         per_measured = work / measured
-        plain_batch = wall / intervals - work / batches
-        unmeasured_intervals = intervals - measured_intervals
-        if measured_intervals and unmeasured_intervals:
-            plain_batch = (wall - measured_wall) / unmeasured_intervals
-            observed = measured_wall / measured_intervals - plain_batch
+        if unmeasured_intervals and measured_intervals:
+            unmeasured = unmeasured_wall / unmeasured_intervals
+            observed = measured_wall / measured_intervals - unmeasured
             if self._observed_cost is not None:
                 observed = (observed + self._observed_cost) / 2
             self._observed_cost = observed
             per_measured = max(per_measured, observed)
-        if plain_batch <= 0:
+            plain = unmeasured - self._fixed_cost
+        elif measured_intervals:
+            plain = measured_wall / measured_intervals - per_measured - self._fixed_cost
+        else:
             return
-        wanted = math.ceil(per_measured / (self.overhead_budget * plain_batch))
+        if plain <= 0:
+            return
+        ranks = self.world_size
+        estimate = OverheadEstimate(per_measured, self._fixed_cost, window_end / ranks, plain)
+        self.estimate = estimate
+        self.overhead = estimate.share(measured / ranks, batches / ranks)
+        if self.overhead_budget is None:
+            self.sample_every = 1
+            return
+        batches /= ranks
+        affordable = estimate.affordable(self.overhead_budget, batches)
+        self.over_budget = affordable < 1
+        # The first batch of a window is always measured, so `k` apart measures ceil(B / k).
+        wanted = math.ceil(batches / max(math.floor(affordable + 1e-9), 1))
         self.sample_every = min(max(wanted, 1), _MAX_SAMPLE_EVERY)
 
     def _read_window(self, step: int) -> WindowSnapshot:
@@ -378,6 +406,7 @@ class Engine:
             step=step,
             batches=self._batches,
             measured_batches=measured_batches,
+            overhead=self.overhead,
             activations={layer.name: layer for layer in results.get("activations", [])},  # type: ignore[attr-defined]
             gradients=results.get("gradients"),  # type: ignore[arg-type]
             losses={name[len("loss:") :]: value for name, value in results.items() if name.startswith("loss:")},  # type: ignore[misc]
@@ -386,6 +415,63 @@ class Engine:
         self._windows += 1
         self._batches = 0
         return self.latest
+
+
+@dataclass(frozen=True)
+class OverheadEstimate:
+    """What the callbacks sharing an engine cost, per process, in seconds.
+
+    Over a window of ``B`` batches of which ``M`` are measured, they take
+    ``M * measured_batch + B * every_batch + window_end`` against ``B * plain_batch`` of training.
+
+    Attributes:
+        measured_batch: what a measured batch costs more than another (``c``).
+        every_batch: what the callbacks spend on every batch, measured or not (``f``).
+        window_end: what reading, logging and judging a window costs (``W``).
+        plain_batch: a training batch without any of it (``p``).
+    """
+
+    measured_batch: float
+    every_batch: float
+    window_end: float
+    plain_batch: float
+
+    def share(self, measured: float, batches: float) -> float:
+        """The cost of a window with ``measured`` of ``batches`` measured, as a share of its training time."""
+        cost = measured * self.measured_batch + batches * self.every_batch + self.window_end
+        return cost / (batches * self.plain_batch)
+
+    def affordable(self, budget: float, batches: float) -> float:
+        """How many of ``batches`` may be measured within ``budget`` (a share of the training time)."""
+        spare = budget * batches * self.plain_batch - batches * self.every_batch - self.window_end
+        return spare / self.measured_batch if self.measured_batch > 0 else batches
+
+
+class _BatchTimes:
+    """Seconds and counts of one window's batch intervals (start to next start), by kind."""
+
+    def __init__(self) -> None:
+        self.measured = self.unmeasured = self.unmeasured_charged = self.window_end = 0.0
+        self.measured_count = self.unmeasured_count = 0
+
+    def add(self, seconds: float, charged: float, *, measured: bool) -> None:
+        if measured:
+            self.measured += seconds
+            self.measured_count += 1
+        else:
+            self.unmeasured += seconds
+            self.unmeasured_count += 1
+            self.unmeasured_charged += charged
+
+    def values(self) -> list[float]:
+        return [
+            self.measured,
+            float(self.measured_count),
+            self.unmeasured,
+            float(self.unmeasured_count),
+            self.unmeasured_charged,
+            self.window_end,
+        ]
 
 
 class _Source(Protocol):

@@ -194,6 +194,8 @@ class WindowSnapshot:
         batches: training batches in the window (on this rank).
         measured_batches: of those, the batches whose activations and gradients were measured (see
             the overhead budget); the loss is tracked on every batch.
+        overhead: the engine's estimate of the share of the training step time its callbacks took
+            in this window (0.02: 2%); ``None`` until it has the timings for one.
         activations: per-layer activation statistics, in the order the layers first ran.
         gradients: gradient statistics, when a gradient consumer is attached.
         losses: the window's training loss by metric name (``""``: what ``training_step``
@@ -204,6 +206,7 @@ class WindowSnapshot:
     batches: int
     activations: dict[str, ActivationStats]
     measured_batches: int = 0
+    overhead: float | None = None
     gradients: GradientStats | None = None
     losses: dict[str, LossWindow] = field(default_factory=dict)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -18,6 +20,21 @@ from lightning_actguard.engine import DEFAULT_OVERHEAD_BUDGET, Engine, acquire
 from lightning_actguard.snapshot import WindowSnapshot
 
 _DEFAULT_WINDOW = 50
+
+_Hook = TypeVar("_Hook", bound=Callable[..., None])
+
+
+def _charged(hook: _Hook) -> _Hook:
+    """Charge the time a per-batch hook takes to the engine, whose overhead budget counts it."""
+
+    @functools.wraps(hook)
+    def timed(self: EngineCallback, *args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        hook(self, *args, **kwargs)
+        if self._engine is not None:
+            self._engine.charge(time.perf_counter() - started)
+
+    return timed  # type: ignore[return-value]
 
 
 class EngineCallback(Callback):
@@ -30,8 +47,8 @@ class EngineCallback(Callback):
     Args:
         every_n_steps: window length in optimizer steps; ``None`` uses the trainer's
             ``log_every_n_steps``.
-        overhead_budget: share of the step time that measuring activations and gradients may
-            take (default 0.02); the engine measures fewer batches to stay within it. ``None``
+        overhead_budget: share of the step time that the package's callbacks may take in all
+            (default 0.02); the engine measures fewer batches to stay within it. ``None``
             measures every batch.
     """
 
@@ -106,6 +123,7 @@ class EngineCallback(Callback):
             self._engine.gradients.attach(trainer.optimizers)
 
     @override
+    @_charged
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -113,16 +131,19 @@ class EngineCallback(Callback):
             self._engine.start_batch((trainer.current_epoch, batch_idx))
 
     @override
+    @_charged
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if self._engine is not None:
             self._engine.pause()
 
     @override
+    @_charged
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._engine is not None:
             self._engine.resume()
 
     @override
+    @_charged
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -135,6 +156,7 @@ class EngineCallback(Callback):
             )
 
     @override
+    @_charged
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -146,7 +168,18 @@ class EngineCallback(Callback):
         snapshot = self._engine.end_batch(batch_key, trainer.global_step)
         self._report_functional(self._engine)
         if snapshot is not None:
+            self._report_over_budget(self._engine)
             self.on_window(trainer, pl_module, snapshot)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._engine is not None:
+            self._engine.interrupt()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._engine is not None:
+            self._engine.interrupt()
 
     @staticmethod
     def _report_functional(engine: Engine) -> None:
@@ -157,6 +190,22 @@ class EngineCallback(Callback):
         found = "; ".join(finding.describe() for finding in engine.functional)
         rank_zero_warn(
             f"{len(engine.functional)} activation(s) are applied functionally: {found}.", category=ActGuardWarning
+        )
+
+    @staticmethod
+    def _report_over_budget(engine: Engine) -> None:
+        """Say once per run when even one measured batch per window costs more than the budget."""
+        estimate = engine.estimate
+        if not engine.over_budget or engine.over_budget_reported or estimate is None:
+            return
+        engine.over_budget_reported = True
+        rank_zero_info(
+            f"The lightning-actguard callbacks cost more than overhead_budget={engine.overhead_budget:g} of the "
+            f"training time even when they measure one batch per window: a batch takes "
+            f"{estimate.plain_batch * 1e3:.3g} ms, a measured batch {estimate.measured_batch * 1e3:.3g} ms more, every "
+            f"batch {estimate.every_batch * 1e3:.3g} ms more, and closing a window {estimate.window_end * 1e3:.3g} ms. "
+            "Only the first batch of each window is measured. Longer windows (`every_n_steps`) spread these costs "
+            "over more batches."
         )
 
     @override

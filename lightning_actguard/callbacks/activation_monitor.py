@@ -36,9 +36,9 @@ class ActivationMonitor(EngineCallback):
     per window (by default every ``trainer.log_every_n_steps`` optimizer steps) in a single
     transfer. Only training batches count: sanity checking, validation, test and prediction
     forwards, and forwards recomputed during backward, are not measured. Within the
-    ``overhead_budget`` (2% of the step time by default) every batch is measured; when measuring
-    costs more, every k-th batch is (the first of each window always), and
-    ``act_measured_batches`` says how many were.
+    ``overhead_budget`` (2% of the step time by default, for everything the package's callbacks
+    do) every batch is measured; when measuring costs more, every k-th batch is (the first of
+    each window always), and ``act_measured_batches`` says how many were.
 
     Logged metrics (``<log_key_prefix><statistic>/<layer>``, one TensorBoard section per statistic):
 
@@ -51,6 +51,7 @@ class ActivationMonitor(EngineCallback):
     ``act_nonfinite``         number of NaN or infinite outputs
     ``act_out_hist``          histogram of one batch's outputs (TensorBoard, when asked for)
     ``act_measured_batches``  batches of the window that were measured (no layer suffix)
+    ``act_overhead``          estimated share of the step time the callbacks took (no suffix)
     ========================  =================================================================
 
     A *unit* is the channel of an output with four or more dimensions and the last dimension
@@ -61,10 +62,11 @@ class ActivationMonitor(EngineCallback):
     Args:
         every_n_steps: window length in optimizer steps; ``None`` uses the trainer's
             ``log_every_n_steps``.
-        overhead_budget: share of the training step time that measuring may take (default 0.02).
-            After each window the engine measures only every k-th batch (always the window's
-            first), with k chosen from its own measured cost to stay within the budget; the loss
-            is still tracked on every batch. ``None`` measures every batch.
+        overhead_budget: share of the training step time that the package's callbacks may take
+            in all (default 0.02): measuring, their per-batch bookkeeping, and reading, logging
+            and judging each window. After each window the engine measures only every k-th batch
+            (always the window's first), with k chosen from its own measured cost to stay within
+            the budget; the loss is still tracked on every batch. ``None`` measures every batch.
         extra_types: custom activation classes to monitor, or a mapping from such a class to the
             torch activation it behaves like (``{GELUActivation: "gelu"}``).
         name_pattern: regular expression; modules whose qualified name matches are monitored.
@@ -165,6 +167,8 @@ class ActivationMonitor(EngineCallback):
         prefix = self.log_key_prefix
         metrics, histograms = snapshot.activation_metrics(prefix), snapshot.activation_histograms(prefix)
         metrics[f"{prefix}act_measured_batches"] = float(snapshot.measured_batches)
+        if snapshot.overhead is not None:
+            metrics[f"{prefix}act_overhead"] = snapshot.overhead
         _loggers.write_window(trainer, metrics, histograms, _compat.logger_step(trainer))
 
     @override

@@ -126,8 +126,8 @@ class FinetuneGuard(EngineCallback):
         canary_loss: ``(model, canary) -> loss``; default: cross-entropy of ``model(inputs)``.
         canary_margin: allowed rise of the canary loss over its pretrained value, in its units.
         revive: ``False``, ``True`` or ``{activation name: weight layer name}``.
-        overhead_budget: share of the step time the activation and gradient measuring may take;
-            ``None`` measures every batch.
+        overhead_budget: share of the step time the package's callbacks may take in all (the
+            engine measures fewer batches to stay within it); ``None`` measures every batch.
         print_summary: print the events and the final drift when training ends (rank zero).
 
     Raises:

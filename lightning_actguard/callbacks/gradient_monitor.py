@@ -72,10 +72,10 @@ class GradientMonitor(EngineCallback):
 
     Args:
         every_n_steps: window length in optimizer steps; ``None`` uses ``log_every_n_steps``.
-        overhead_budget: share of the training step time that measuring may take (default 0.02).
-            After each window the engine measures only every k-th batch (always the window's
-            first), with k chosen from its own measured cost to stay within the budget; the loss
-            is still tracked on every batch. ``None`` measures every batch.
+        overhead_budget: share of the training step time that the package's callbacks may take
+            in all (default 0.02). After each window the engine measures only every k-th batch
+            (always the window's first), with k chosen from its own measured cost to stay within
+            the budget; the loss is still tracked on every batch. ``None`` measures every batch.
         vanishing_ratio: threshold on ``grad_depth_ratio`` (default 1e-3).
         vanishing_floor: absolute norm below which a weight layer counts as starved (1e-8).
         exploding_norm: bound on the global gradient norm (1e3).
