@@ -14,7 +14,7 @@ import math
 import time
 import weakref
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Protocol
 
 import torch
@@ -92,6 +92,7 @@ class Engine:
         self._measured_batches = 0
         self._timing = _BatchTimes()
         self._observed_cost: float | None = None
+        self._opening_cost: float | None = None
         self._fixed_cost = 0.0
         self._batch_started: float | None = None
         self._charged = 0.0
@@ -248,8 +249,11 @@ class Engine:
         """File the time from the start of the batch that just ended to the start of this one."""
         if self._closed:  # what the batch cost beyond the others is the window's reading and logging
             self._timing.window_end += self._charged
+        elif self._batches == 1:  # the window's first batch
+            if self._windows and not self._interrupted:  # the run's very first one also sets things up
+                self._timing.add(seconds, self._charged, kind="opening")
         elif not self._interrupted:
-            self._timing.add(seconds, self._charged, measured=self._measuring)
+            self._timing.add(seconds, self._charged, kind="measured" if self._measuring else "unmeasured")
 
     def _start_probe(self) -> None:
         """Look for functional activations during this batch's forward (once per run)."""
@@ -325,9 +329,8 @@ class Engine:
     def _cost(self) -> list[float]:
         """This window's timings, summed across processes with the statistics.
 
-        Measuring work timed inside the hooks, the measured and unmeasured batches' intervals,
-        the time the consumers spent on unmeasured batches and at the previous window's end, and
-        the counts of measured and all batches.
+        The measuring work timed inside the hooks, the :class:`_BatchTimes`, and the counts of
+        measured and all batches.
         """
         collectors = [source for source in (self.activations, self.gradients) if source is not None]
         work = sum(source.seconds for source in collectors)
@@ -343,35 +346,46 @@ class Engine:
         took than unmeasured ones, averaged with the previous windows' figure, which also counts
         what no timer inside a hook sees (PyTorch's slower path for a module with hooks), and at
         least the time spent in the hooks; before any batch went unmeasured, only the latter.
-        ``f`` is the consumers' own time on unmeasured batches, ``W`` their time on the batch
-        that closed the previous window. The spacing is the smallest that keeps the cost within
-        ``overhead_budget`` of the training time. The numbers are summed across processes first,
-        so every process picks the same spacing.
+        ``f`` is the consumers' own time on unmeasured batches. ``W`` is their time on the batch
+        that closed the previous window, plus what the window's first batch (which also starts
+        the update-ratio measurement) takes beyond another measured one. The spacing is the
+        smallest that keeps the cost within ``overhead_budget`` of the training time. The numbers
+        are summed across processes first, so every process picks the same spacing.
         """
-        work, measured_wall, measured_intervals, unmeasured_wall, unmeasured_intervals, charged, window_end = cost[:7]
-        measured, batches = cost[7:]
+        work, *times, measured, batches = cost
+        timing = _BatchTimes(*times)
         self._measured_batches = 0
         if not measured or not batches:
             return
-        if unmeasured_intervals:
-            self._fixed_cost = charged / unmeasured_intervals
+        if timing.unmeasured_count:
+            self._fixed_cost = timing.unmeasured_charged / timing.unmeasured_count
+        if timing.opening_count and timing.measured_count:
+            opening = timing.opening / timing.opening_count - timing.measured / timing.measured_count
+            if self._opening_cost is not None:
+                opening = (opening + self._opening_cost) / 2
+            self._opening_cost = opening
+        else:  # no other measured batch to compare it with: it stands for them all
+            self._opening_cost = None
+            timing.measured += timing.opening
+            timing.measured_count += timing.opening_count
         per_measured = work / measured
-        if unmeasured_intervals and measured_intervals:
-            unmeasured = unmeasured_wall / unmeasured_intervals
-            observed = measured_wall / measured_intervals - unmeasured
+        if timing.unmeasured_count and timing.measured_count:
+            unmeasured = timing.unmeasured / timing.unmeasured_count
+            observed = timing.measured / timing.measured_count - unmeasured
             if self._observed_cost is not None:
                 observed = (observed + self._observed_cost) / 2
             self._observed_cost = observed
             per_measured = max(per_measured, observed)
             plain = unmeasured - self._fixed_cost
-        elif measured_intervals:
-            plain = measured_wall / measured_intervals - per_measured - self._fixed_cost
+        elif timing.measured_count:
+            plain = timing.measured / timing.measured_count - per_measured - self._fixed_cost
         else:
             return
         if plain <= 0:
             return
         ranks = self.world_size
-        estimate = OverheadEstimate(per_measured, self._fixed_cost, window_end / ranks, plain)
+        window_end = timing.window_end / ranks + max(self._opening_cost or 0.0, 0.0)
+        estimate = OverheadEstimate(per_measured, self._fixed_cost, window_end, plain)
         self.estimate = estimate
         self.overhead = estimate.share(measured / ranks, batches / ranks)
         if self.overhead_budget is None:
@@ -447,31 +461,32 @@ class OverheadEstimate:
         return spare / self.measured_batch if self.measured_batch > 0 else batches
 
 
+@dataclass
 class _BatchTimes:
-    """Seconds and counts of one window's batch intervals (start to next start), by kind."""
+    """Seconds and counts of one window's batch intervals (start to next start), by kind.
 
-    def __init__(self) -> None:
-        self.measured = self.unmeasured = self.unmeasured_charged = self.window_end = 0.0
-        self.measured_count = self.unmeasured_count = 0
+    The window's first batch (always measured, and the one that starts the update-ratio
+    measurement) is the *opening*; the batch that closed the previous window is only counted
+    by what the callbacks were charged on it (reading, logging, judging).
+    """
 
-    def add(self, seconds: float, charged: float, *, measured: bool) -> None:
-        if measured:
-            self.measured += seconds
-            self.measured_count += 1
-        else:
-            self.unmeasured += seconds
-            self.unmeasured_count += 1
+    measured: float = 0.0
+    measured_count: float = 0.0
+    unmeasured: float = 0.0
+    unmeasured_count: float = 0.0
+    unmeasured_charged: float = 0.0
+    opening: float = 0.0
+    opening_count: float = 0.0
+    window_end: float = 0.0
+
+    def add(self, seconds: float, charged: float, *, kind: str) -> None:
+        setattr(self, kind, getattr(self, kind) + seconds)
+        setattr(self, f"{kind}_count", getattr(self, f"{kind}_count") + 1)
+        if kind == "unmeasured":
             self.unmeasured_charged += charged
 
     def values(self) -> list[float]:
-        return [
-            self.measured,
-            float(self.measured_count),
-            self.unmeasured,
-            float(self.unmeasured_count),
-            self.unmeasured_charged,
-            self.window_end,
-        ]
+        return list(astuple(self))
 
 
 class _Source(Protocol):

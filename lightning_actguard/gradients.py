@@ -30,6 +30,9 @@ from lightning_actguard.snapshot import GradientLayerStats, GradientStats, Histo
 __all__ = ["GradientCollector", "GradientThresholds"]
 
 _TOTALS = ("total_sq", "steps", "skipped_steps", "nonfinite_steps")
+#: Elements of each parameter (evenly spaced) on which the update ratio is measured: a copy of
+#: these, not of the whole weights, is what the measurement costs.
+UPDATE_RATIO_SAMPLE = 4096
 _UNBOUNDED = ActivationSpec("gradient")  # gradients use the symmetric log-spaced buckets
 
 
@@ -56,7 +59,8 @@ class GradientCollector:
         model: the model whose trainable parameters are measured.
         thresholds: when to raise the vanishing and exploding flags.
         update_ratio: also measure how far the window's first optimizer step moved each layer's
-            weights. Costs one copy of the optimizer's parameters during that one step.
+            weights, on up to :data:`UPDATE_RATIO_SAMPLE` evenly spaced elements of each parameter
+            (all of a smaller one), copied during that one step.
         sharded: the parameters are shards (FSDP): squared norms are summed across processes.
             Otherwise every process holds the same averaged gradients and the sums are divided by
             the number of processes.
@@ -222,18 +226,18 @@ class GradientCollector:
         return packed
 
     def _copy_weights(self, optimizer: torch.optim.Optimizer, pairs: list[tuple[nn.Parameter, int]]) -> None:
-        params = [p.detach() for p, _ in pairs]
-        layers = self._layer_index(pairs, params[0].device)
-        self._before_update[id(optimizer)] = (params, [p.clone() for p in params], layers)
+        samples = [_update_sample(p) for p, _ in pairs]
+        layers = self._layer_index(pairs, samples[0].device)
+        self._before_update[id(optimizer)] = (samples, [sample.clone() for sample in samples], layers)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         measured = self._before_update.pop(id(optimizer), None)
         if measured is None:
             return
-        params, before, layers = measured
+        samples, before, layers = measured
         start = time.perf_counter()
         try:
-            changes = torch.stack(torch._foreach_norm(torch._foreach_sub(params, before))).float().square()
+            changes = torch.stack(torch._foreach_norm(torch._foreach_sub(samples, before))).float().square()
             sizes = torch.stack(torch._foreach_norm(before)).float().square()
             update = self._buffers["update"]
             update[0].index_add_(0, layers, changes)
@@ -350,6 +354,18 @@ class GradientCollector:
         stats = self.unpack(read_back(pieces, reduce_sum), world_size)
         self.reset()
         return stats
+
+
+def _update_sample(param: nn.Parameter) -> Tensor:
+    """A view of about :data:`UPDATE_RATIO_SAMPLE` evenly spaced elements of ``param``, which the step updates in place.
+
+    A parameter that is not contiguous (channels-last convolution weights) cannot be flattened
+    into a view, and is taken whole.
+    """
+    if not param.is_contiguous():
+        return param.detach()
+    flat = param.detach().view(-1)
+    return flat[:: max(flat.numel() // UPDATE_RATIO_SAMPLE, 1)]
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:

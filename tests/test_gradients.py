@@ -66,6 +66,32 @@ def test_update_ratio_is_the_actual_change_of_the_weights():
     collector.detach()
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_update_ratio_of_a_large_layer_is_measured_on_a_sample_close_to_the_whole(channels_last):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3), nn.Flatten(), nn.Linear(64 * 16, 10))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    collector = GradientCollector(model)
+    collector.attach([optimizer])
+    before = [p.detach().clone() for p in model[0].parameters()]
+    loss = model(torch.randn(8, 64, 6, 6)).square().mean()
+    loss.backward()
+    collector.before_step(optimizer)
+    copied = sum(sample.numel() for sample in collector._before_update[id(optimizer)][1])
+    optimizer.step()
+    exact = math.sqrt(
+        sum((p.detach() - b).square().sum().item() for p, b in zip(model[0].parameters(), before, strict=True))
+        / sum(b.square().sum().item() for b in before)
+    )
+    # Every 9th of the convolution's 36,864 weights (all of them when channels-last weights
+    # cannot be viewed flat), every 2nd of the linear layer's 10,240, every bias.
+    assert copied == (36_864 if channels_last else 4_096) + 64 + 5_120 + 10
+    assert collector.read().layers["0"].update_ratio == pytest.approx(exact, rel=0.05)
+    collector.detach()
+
+
 def test_update_ratio_is_measured_on_the_first_step_of_each_window_only():
     model = two_layer_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

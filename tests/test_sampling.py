@@ -7,10 +7,10 @@ import lightning_actguard.engine as engine_module
 from lightning_actguard.engine import Engine, OverheadEstimate
 
 
-def timings(work, measured, unmeasured=(0.0, 0), charged=0.0, window_end=0.0, *, batches=50):
-    """A window's cost vector: ``measured`` and ``unmeasured`` are (total seconds, intervals)."""
-    measured_batches = measured[1]
-    return [work, *measured, *unmeasured, charged, window_end, measured_batches, batches]
+def timings(work, measured, unmeasured=(0.0, 0), charged=0.0, window_end=0.0, *, opening=(0.0, 0), batches=50):
+    """A window's cost vector; ``measured``, ``unmeasured`` and ``opening`` are (total seconds, intervals)."""
+    measured_batches = measured[1] + opening[1]
+    return [work, *measured, *unmeasured, charged, *opening, window_end, measured_batches, batches]
 
 
 @pytest.fixture
@@ -63,6 +63,16 @@ def test_what_every_batch_and_each_window_end_cost_comes_out_of_the_budget(engin
     assert not fresh.over_budget
 
 
+def test_what_the_first_batch_of_a_window_costs_beyond_other_measured_ones_is_a_window_cost(engine):
+    # The opening batch took 0.16 s, the 4 other measured ones 0.11 s, the 45 others 0.1 s: a
+    # measured batch costs 10 ms, and opening a window 50 ms more.
+    engine._choose_sampling(timings(0.005, (0.44, 4), (4.5, 45), opening=(0.16, 1)))
+    assert engine.estimate.measured_batch == pytest.approx(0.01)
+    assert engine.estimate.window_end == pytest.approx(0.05)
+    # (0.1 - 0.05) / 0.01 = 5 measured batches: every 10th.
+    assert engine.sample_every == 10
+
+
 def test_costs_above_the_budget_at_one_measured_batch_a_window_are_flagged(engine):
     # 2 ms on every batch is already 2% of a 98 ms batch, before the window's end.
     engine._choose_sampling(timings(0.005, (0.55, 5), (4.5, 45), charged=0.09, window_end=0.01))
@@ -82,10 +92,11 @@ def test_each_interval_is_filed_by_kind_and_interrupted_ones_are_left_out(engine
     clock = iter([0.0, 0.15, 0.25, 1.0, 1.2])
     monkeypatch.setattr(engine_module.time, "perf_counter", lambda: next(clock))
     engine.every_n_steps, engine.sample_every = 4, 2
-    engine.start_batch("b0")  # t=0, measured
+    engine._windows = 1  # the run's first window opens with one-off set-up work, and is left out
+    engine.start_batch("b0")  # t=0, measured: the window's opening
     engine.charge(0.002)
     engine.end_batch("b0", 1)
-    engine.start_batch("b1")  # t=0.15: b0 took 0.15, measured
+    engine.start_batch("b1")  # t=0.15: b0 took 0.15
     engine.charge(0.001)
     engine.end_batch("b1", 2)
     engine.start_batch("b2")  # t=0.25: b1 took 0.1 (1 ms of it charged), unmeasured
@@ -94,8 +105,18 @@ def test_each_interval_is_filed_by_kind_and_interrupted_ones_are_left_out(engine
     engine.start_batch("b3")  # t=1.0: b2's interval is left out
     engine.charge(0.003)
     assert engine.end_batch("b3", 4) is not None  # closes the window
-    # Read at the close: c = 0.15 - 0.1, f = 0.001, p = 0.099; b0 and b2 measured of 4.
+    # Read at the close: c = 0.15 - 0.1 (the opening is the only measured interval, so it stands
+    # for all), f = 0.001, p = 0.099; b0 and b2 measured of 4.
     assert engine.overhead == pytest.approx((2 * 0.05 + 4 * 0.001) / (4 * 0.099))
     engine.start_batch("b4")  # t=1.2: what b3 was charged is the window end
     assert engine._timing.window_end == pytest.approx(0.003)
-    assert engine._timing.measured_count == engine._timing.unmeasured_count == 0
+    assert engine._timing.measured_count == engine._timing.unmeasured_count == engine._timing.opening_count == 0
+
+
+def test_the_first_batch_of_a_run_is_left_out_of_the_timings(engine, monkeypatch):
+    clock = iter([0.0, 5.0])
+    monkeypatch.setattr(engine_module.time, "perf_counter", lambda: next(clock))
+    engine.start_batch("b0")
+    engine.end_batch("b0", 1)
+    engine.start_batch("b1")
+    assert engine._timing == type(engine._timing)()
