@@ -85,7 +85,7 @@ def main() -> None:
         ("CNN 4 conv, batch 128", overhead.cnn, (3, 32, 32), 128),
     ]
     checks = [sync_check(name, make, shape, batch, args.device) for name, make, shape, batch in models]
-    configs = ["plain", "everything (defaults)", "everything, every batch (overhead_budget=None)"]
+    configs = ["plain", "plain (again)", "everything (defaults)", "everything, every batch (overhead_budget=None)"]
     rows = []
     for name, make, shape, batch in models:
         rows += overhead.measure(name, make, shape, batch, configs, args.rounds, args.steps, 60, args.device)
@@ -94,9 +94,9 @@ def main() -> None:
     print("| model | sync check |\n|---|---|")
     for name, verdict in checks:
         print(f"| {name} | {verdict} |")
-    print("\n| model | configuration | mean step (ms) | ratio to plain |\n|---|---|---|---|")
-    for model, config, milliseconds, ratio, _ in rows:
-        print(f"| {model} | {config} | {milliseconds:.2f} | {ratio:.3f} |")
+    print("\n| model | configuration | mean step (ms) | ratio to plain | per-round range |\n|---|---|---|---|---|")
+    for model, config, milliseconds, ratio, (low, high), *_ in rows:
+        print(f"| {model} | {config} | {milliseconds:.2f} | {ratio:.3f} | {low:.3f}-{high:.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """What lightning-actguard costs: mean step time with its callbacks over a plain Lightning run.
 
 Plain script, not a test. Each configuration trains the same model from the same seed in the
-same process; the configurations are interleaved in rounds so that a slow moment of the machine
-is shared among them. A run's time is the total over its measured steps (after a warm-up), so the
-expensive window-closing steps are counted in full; the ratio is against the plain run.
+same process, logging to TensorBoard; the configurations are interleaved in rounds so that a
+slow moment of the machine is shared among them. A run's time is the total over its measured
+steps (after a warm-up), so the expensive window-closing steps are counted in full. The ratio is
+of the mean step times over all rounds, against the plain run; the range is that of the
+per-round ratios, and the "plain (again)" row shows how far two identical runs differ. The
+engine's estimate is the mean of what the engine itself reckons its callbacks cost
+(``act_overhead``), over the timed windows.
 
     python benchmarks/overhead.py            # the table in the README
     python benchmarks/overhead.py --quick    # a short smoke run
@@ -14,12 +18,14 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -93,11 +99,18 @@ class StepTimer(pl.Callback):
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.state_bytes = 0
+        self.estimates: list[float] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
         if trainer.global_step == self.warmup and not hasattr(self, "start"):
             _wait_for(pl_module)
             self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        engine = engine_for(pl_module)
+        latest = engine.latest if engine is not None else None
+        if latest is not None and latest.step == trainer.global_step > self.warmup and latest.overhead is not None:
+            self.estimates.append(latest.overhead)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _wait_for(pl_module)
@@ -124,6 +137,7 @@ def everything(histograms: bool = False, budget: float | None = DEFAULT_OVERHEAD
 
 CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     "plain": list,
+    "plain (again)": list,
     "naive .item() per layer": lambda: [Naive()],
     "everything, every batch (overhead_budget=None)": lambda: everything(budget=None),
     "ActivationMonitor": lambda: [ActivationMonitor(print_summary=False)],
@@ -141,13 +155,14 @@ def run(
     steps: int,
     warmup: int,
     device: str = "cpu",
-) -> tuple[float, int]:
+) -> StepTimer:
     torch.manual_seed(0)
     timer = StepTimer(warmup)
+    logs = tempfile.TemporaryDirectory()
     trainer = pl.Trainer(
         max_steps=warmup + steps,
         callbacks=[*callbacks, timer],
-        logger=False,
+        logger=TensorBoardLogger(logs.name, name="overhead"),
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -156,29 +171,40 @@ def run(
         devices=1,
     )
     trainer.fit(Classifier(make_net()), DataLoader(data, batch_size=batch, shuffle=False))
-    return timer.seconds_per_step, timer.state_bytes
+    logs.cleanup()
+    return timer
 
 
 def measure(name, make_net, shape, batch, configs, rounds, steps, warmup, device="cpu") -> list[tuple]:
     data = TensorDataset(torch.randn(batch * 8, *shape), torch.randint(0, 10, (batch * 8,)))
-    times: dict[str, list[float]] = {config: [] for config in configs}
-    memory: dict[str, int] = {}
+    runs: dict[str, list[StepTimer]] = {config: [] for config in configs}
     for _ in range(rounds):
         for config in configs:
-            seconds, state = run(make_net, data, batch, CONFIGS[config](), steps, warmup, device)
-            times[config].append(seconds)
-            memory[config] = state
-    plain = statistics.fmean(times["plain"])
-    return [
-        (name, config, 1000 * statistics.fmean(t), statistics.fmean(t) / plain, memory[config])
-        for config, t in times.items()
-    ]
+            runs[config].append(run(make_net, data, batch, CONFIGS[config](), steps, warmup, device))
+    plain = [timer.seconds_per_step for timer in runs["plain"]]
+    rows = []
+    for config, timers in runs.items():
+        seconds = [timer.seconds_per_step for timer in timers]
+        ratios = [mine / theirs for mine, theirs in zip(seconds, plain, strict=True)]
+        estimates = [estimate for timer in timers for estimate in timer.estimates]
+        rows.append(
+            (
+                name,
+                config,
+                1000 * statistics.fmean(seconds),
+                statistics.fmean(seconds) / statistics.fmean(plain),
+                (min(ratios), max(ratios)),
+                statistics.fmean(estimates) if estimates else None,
+                timers[-1].state_bytes,
+            )
+        )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=150, help="measured steps per run")
+    parser.add_argument("--steps", type=int, default=150, help="measured steps per run (the CNN: half)")
     parser.add_argument(
         "--warmup", type=int, default=60, help="steps before timing: the first 50-step window measures every batch"
     )
@@ -187,12 +213,20 @@ def main() -> None:
     if args.quick:
         args.rounds, args.steps = 1, 50
     warnings.filterwarnings("ignore")
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    torch.set_num_threads(torch.get_num_threads())
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    rounds, steps, warmup = args.rounds, args.steps, args.warmup
     rows = []
-    rows += measure("MLP 8x512, batch 256", lambda: mlp(8, 512), (512,), 256, list(CONFIGS), **vars_of(args))
-    rows += measure("CNN 4 conv, batch 128", cnn, (3, 32, 32), 128, list(CONFIGS), **vars_of(args))
+    rows += measure("MLP 8x512, batch 256", lambda: mlp(8, 512), (512,), 256, list(CONFIGS), rounds, steps, warmup)
+    cnn_configs = [
+        "plain",
+        "plain (again)",
+        "naive .item() per layer",
+        "everything, every batch (overhead_budget=None)",
+        "everything (defaults)",
+        "everything + histograms every 100 steps",
+    ]
+    rows += measure("CNN 4 conv, batch 128", cnn, (3, 32, 32), 128, cnn_configs, rounds, steps // 2, warmup)
     for depth in (8, 32, 128):
         rows += measure(
             f"MLP {depth}x128, batch 256",
@@ -200,17 +234,22 @@ def main() -> None:
             (128,),
             256,
             ["plain", "everything (defaults)", "everything, every batch (overhead_budget=None)"],
-            **vars_of(args),
+            rounds,
+            steps,
+            warmup,
         )
-    print(f"\ntorch {torch.__version__}, Lightning {pl.__version__}, {torch.get_num_threads()} threads")
-    print("| model | configuration | mean step (ms) | ratio to plain | engine state (bytes) |")
-    print("|---|---|---|---|---|")
-    for model, config, milliseconds, ratio, state in rows:
-        print(f"| {model} | {config} | {milliseconds:.2f} | {ratio:.3f} | {state:,} |")
-
-
-def vars_of(args: argparse.Namespace) -> dict[str, int]:
-    return {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup}
+    threads = torch.get_num_threads()
+    print(f"\ntorch {torch.__version__}, Lightning {pl.__version__}, {threads} threads, {rounds} rounds")
+    print(
+        "| model | configuration | mean step (ms) | ratio to plain | per-round range | engine's estimate "
+        "| engine state (bytes) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for model, config, milliseconds, ratio, (low, high), estimate, state in rows:
+        reckoned = f"{estimate:.1%}" if estimate is not None else ""
+        print(
+            f"| {model} | {config} | {milliseconds:.2f} | {ratio:.3f} | {low:.3f}-{high:.3f} | {reckoned} | {state:,} |"
+        )
 
 
 if __name__ == "__main__":
