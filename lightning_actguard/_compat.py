@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
 
@@ -31,3 +34,16 @@ def pending_grad_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) ->
         return None
     scale = getattr(scaler, "_scale", None)
     return scale if isinstance(scale, Tensor) else torch.tensor(scaler.get_scale())
+
+
+def tensorboard_event_writer(logger: TensorBoardLogger) -> tuple[Any, str] | None:
+    """The event-file writer behind a TensorBoard logger and the prefix its ``log_metrics`` adds to keys.
+
+    ``None`` when the writer is not ``torch.utils.tensorboard``'s (tensorboardX), or when the
+    logger no longer names its prefix: callers then go through ``log_metrics``.
+    """
+    writer = getattr(logger.experiment, "file_writer", None)
+    prefix = getattr(logger, "_prefix", None)
+    if writer is None or not hasattr(writer, "add_summary") or not isinstance(prefix, str):
+        return None
+    return writer, f"{prefix}{logger.LOGGER_JOIN_CHAR}" if prefix else ""

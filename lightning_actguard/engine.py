@@ -30,7 +30,7 @@ from lightning_actguard.snapshot import WindowSnapshot
 
 __all__ = ["ActivationSettings", "Engine", "GradientSettings", "OverheadEstimate", "acquire", "engine_for"]
 
-#: Share of the training step time the measuring may take before it samples fewer batches.
+#: Share of the training time the consumers may take in all before the engine measures fewer batches.
 DEFAULT_OVERHEAD_BUDGET = 0.02
 _MAX_SAMPLE_EVERY = 1000
 
@@ -247,7 +247,7 @@ class Engine:
 
     def _count_interval(self, seconds: float) -> None:
         """File the time from the start of the batch that just ended to the start of this one."""
-        if self._closed:  # what the batch cost beyond the others is the window's reading and logging
+        if self._closed:  # what the consumers took on it is the window's reading, logging and judging
             self._timing.window_end += self._charged
         elif self._batches == 1:  # the window's first batch
             if self._windows and not self._interrupted:  # the run's very first one also sets things up

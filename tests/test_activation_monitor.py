@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
-from lightning_actguard import ActGuardWarning, ActivationMonitor
+from lightning_actguard import ActGuardWarning, ActivationMonitor, _compat
 from lightning_actguard.engine import engine_for
 
 
@@ -38,6 +38,21 @@ def test_tensorboard_event_files_hold_the_known_statistics(tmp_path, known_dead_
     assert [value for _, value in scalars(events, "act_saturated_frac/squash")] == [1.0] * 4
     assert "act_saturated_frac/features.1" not in events.Tags()["scalars"]
     assert [value for _, value in scalars(events, "act_nonfinite/squash")] == [0.0] * 4
+
+
+@pytest.mark.parametrize("one_event", [True, False])
+def test_tensorboard_scalars_carry_the_loggers_prefix_whichever_way_they_are_written(
+    tmp_path, known_dead_model, monkeypatch, one_event
+):
+    if not one_event:  # as with a writer that cannot take a window's scalars in one event (tensorboardX)
+        monkeypatch.setattr(_compat, "tensorboard_event_writer", lambda logger: None)
+    logger = TensorBoardLogger(tmp_path, name="run", prefix="exp")
+    trainer = tiny_trainer(tmp_path, logger=logger, callbacks=[ActivationMonitor(print_summary=False)])
+    trainer.fit(known_dead_model)
+
+    events = read_events(logger.log_dir)
+    assert scalars(events, "exp-act_dead_frac/features.1") == [(4, 0.5), (9, 0.5), (14, 0.5), (19, 0.5)]
+    assert "act_dead_frac/features.1" not in events.Tags()["scalars"]
 
 
 def test_tensorboard_gets_one_chart_per_statistic_with_every_layer(tmp_path, known_dead_model):

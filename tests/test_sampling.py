@@ -1,10 +1,16 @@
-"""How the engine estimates its cost and spaces its measured batches, from hand-made timings."""
+"""How the engine estimates its cost and spaces its measured batches: hand-made timings, then a run."""
 
 import pytest
+import pytorch_lightning as pl
+from conftest import tiny_trainer
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 import lightning_actguard.engine as engine_module
-from lightning_actguard.engine import Engine, OverheadEstimate
+from lightning_actguard import ActivationMonitor
+from lightning_actguard.callbacks import _engine_callback
+from lightning_actguard.engine import Engine, OverheadEstimate, engine_for
 
 
 def timings(work, measured, unmeasured=(0.0, 0), charged=0.0, window_end=0.0, *, opening=(0.0, 0), batches=50):
@@ -120,3 +126,38 @@ def test_the_first_batch_of_a_run_is_left_out_of_the_timings(engine, monkeypatch
     engine.end_batch("b0", 1)
     engine.start_batch("b1")
     assert engine._timing == type(engine._timing)()
+
+
+class RecordEstimates(pl.Callback):
+    def __init__(self):
+        self.estimates, self.measured = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        latest = engine_for(pl_module).latest
+        if latest is not None and latest.step == trainer.global_step:
+            self.estimates.append(latest.overhead)
+            self.measured.append(latest.measured_batches)
+
+
+def test_the_estimate_is_logged_and_a_budget_too_small_for_one_batch_is_said_once(
+    tmp_path, known_dead_model, monkeypatch
+):
+    said = []
+    monkeypatch.setattr(_engine_callback, "rank_zero_info", said.append)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    record = RecordEstimates()
+    # No run can measure a batch within a budget of a millionth of its time.
+    monitor = ActivationMonitor(overhead_budget=1e-6, print_summary=False)
+    trainer = tiny_trainer(tmp_path, logger=logger, callbacks=[monitor, record])
+    trainer.fit(known_dead_model)
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [event.value for event in events.Scalars("act_overhead")]
+    assert logged == pytest.approx(record.estimates, rel=1e-6)
+    assert all(value > 0 for value in logged)
+    # The first window is measured in full; after it, only each window's first batch.
+    assert record.measured == [5, 1, 1, 1]
+    assert len(said) == 1
+    assert "more than overhead_budget=1e-06" in said[0]
+    assert "measure one batch per window" in said[0]

@@ -8,7 +8,9 @@ from collections.abc import Iterable, Mapping
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
+from tensorboard.compat.proto.summary_pb2 import Summary
 
+from lightning_actguard import _compat
 from lightning_actguard.snapshot import Histogram
 
 Layout = dict[str, dict[str, list]]
@@ -23,6 +25,22 @@ def multiline_layout(category: str, charts: Mapping[str, str], prefix: str) -> L
         prefix: the keys' ``log_key_prefix``.
     """
     return {category: {title: ["Multiline", [f"^{re.escape(prefix + stat)}/"]] for title, stat in charts.items()}}
+
+
+def _write_scalars_at_once(logger: TensorBoardLogger, metrics: Mapping[str, float], step: int) -> bool:
+    """Write every scalar of a window in one TensorBoard event; False when the writer does not allow it.
+
+    ``log_metrics`` writes one event per scalar, about 60 microseconds each here; one event
+    holding them all costs about a sixth of that per scalar. TensorBoard reads each value under
+    its own tag, exactly as if it had been logged alone.
+    """
+    found = _compat.tensorboard_event_writer(logger)
+    if found is None:
+        return False
+    writer, prefix = found
+    values = [Summary.Value(tag=prefix + tag, simple_value=float(value)) for tag, value in metrics.items()]
+    writer.add_summary(Summary(value=values), step)
+    return True
 
 
 def _tensorboard_loggers(loggers: Iterable[Logger]) -> list[TensorBoardLogger]:
@@ -42,7 +60,8 @@ def write_window(
 ) -> None:
     """Log scalars to every logger and histograms to TensorBoard, one call per logger."""
     for logger in trainer.loggers:
-        logger.log_metrics(dict(metrics), step=step)
+        if not isinstance(logger, TensorBoardLogger) or not _write_scalars_at_once(logger, metrics, step):
+            logger.log_metrics(dict(metrics), step=step)
     for logger in _tensorboard_loggers(trainer.loggers):
         for tag, histogram in histograms.items():
             if not histogram.counts:
