@@ -2,7 +2,8 @@
 
 Plain script, not a test. Each configuration trains the same model from the same seed in the
 same process, logging to TensorBoard; the configurations are interleaved in rounds so that a
-slow moment of the machine is shared among them. A run's time is the total over its measured
+slow moment of the machine is shared among them, and each round starts one configuration later
+so that none is always first. A run's time is the total over its measured
 steps (after a warm-up), so the expensive window-closing steps are counted in full. The ratio is
 of the mean step times over all rounds, against the plain run; the range is that of the
 per-round ratios, and the "plain (again)" row shows how far two identical runs differ. The
@@ -178,8 +179,12 @@ def run(
 def measure(name, make_net, shape, batch, configs, rounds, steps, warmup, device="cpu") -> list[tuple]:
     data = TensorDataset(torch.randn(batch * 8, *shape), torch.randint(0, 10, (batch * 8,)))
     runs: dict[str, list[StepTimer]] = {config: [] for config in configs}
-    for _ in range(rounds):
-        for config in configs:
+    for round_ in range(rounds):
+        # Each round starts one configuration later: the order within a round moves the times by
+        # several percent here (a run right after another of the same model is faster), so every
+        # configuration takes every place in turn.
+        shift = round_ % len(configs)
+        for config in configs[shift:] + configs[:shift]:
             runs[config].append(run(make_net, data, batch, CONFIGS[config](), steps, warmup, device))
     plain = [timer.seconds_per_step for timer in runs["plain"]]
     rows = []
@@ -203,7 +208,7 @@ def measure(name, make_net, shape, batch, configs, rounds, steps, warmup, device
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=150, help="measured steps per run (the CNN: half)")
     parser.add_argument(
         "--warmup", type=int, default=60, help="steps before timing: the first 50-step window measures every batch"
