@@ -38,7 +38,8 @@ class _Site:
         self.layer = layer
         self.call = call
         self.totals: Tensor | None = None
-        self.unit_max: Tensor | None = None
+        #: Per unit, how far the largest output of the window rose above the floor (0: never).
+        self.unit_rise: Tensor | None = None
         self.reduce_dims: dict[int, tuple[int, ...]] = {}
         self.out_elements = 0
         self.in_elements = 0
@@ -51,12 +52,12 @@ class _Site:
         return self.totals
 
     def reset(self) -> None:
-        if self.totals is not None:
-            self.totals.zero_()
-        if self.unit_max is not None:
-            self.unit_max.fill_(-torch.inf)
+        """Start a new window (the caller zeroes :meth:`tensors`, all sites in one call)."""
         self.out_elements = self.in_elements = 0
         self.histogram = None
+
+    def tensors(self) -> list[Tensor]:
+        return [tensor for tensor in (self.totals, self.unit_rise) if tensor is not None]
 
 
 class ActivationCollector:
@@ -252,15 +253,17 @@ class ActivationCollector:
         dims = site.reduce_dims.get(output.dim())
         if dims is None:
             dims = site.reduce_dims[output.dim()] = _stats.unit_reduce_dims(output.dim(), self.unit_dim)
-        maxima = _stats.unit_maxima(output, dims)
-        if site.unit_max is None:
-            site.unit_max = torch.full_like(maxima, -torch.inf)
-        if maxima.shape == site.unit_max.shape:
-            torch.maximum(site.unit_max, maxima, out=site.unit_max)
+        rise = _stats.unit_maxima(output, dims)
+        if spec.floor:
+            rise = rise - spec.floor
+        if site.unit_rise is None:
+            site.unit_rise = torch.zeros_like(rise)
+        if rise.shape == site.unit_rise.shape:
+            torch.maximum(site.unit_rise, rise, out=site.unit_rise)
         else:
             self._warn(
                 f"Activation layer {site.layer.name!r} changed its number of units from "
-                f"{site.unit_max.numel()} to {maxima.numel()}; its dead units are counted on the first shape only."
+                f"{site.unit_rise.numel()} to {rise.numel()}; its dead units are counted on the first shape only."
             )
         if self._want_histograms and site.histogram is None:
             site.histogram = _histogram(site, output)
@@ -295,12 +298,16 @@ class ActivationCollector:
 
     def pack(self) -> list[Tensor]:
         """The window's buffers as flat device tensors, in the order :meth:`unpack` reads them."""
-        self._packed_sites = [site for site in self._sites.values() if site.totals is not None]
-        self._packed_sites = [site for site in self._packed_sites if site.unit_max is not None]
+        self._packed_sites = [
+            site for site in self._sites.values() if site.totals is not None and site.unit_rise is not None
+        ]
         return self._packed(self._packed_sites) if self._packed_sites else []
 
     def reset(self) -> None:
         """Start a new window."""
+        tensors = [tensor for site in self._sites.values() for tensor in site.tensors()]
+        if tensors:
+            torch._foreach_zero_(tensors)
         for site in self._sites.values():
             site.reset()
         self.batches = 0
@@ -310,7 +317,8 @@ class ActivationCollector:
         counts = [float(n) for site in sites for n in (site.out_elements, site.in_elements)]
         pieces = [site.totals for site in sites]
         pieces.append(host_to_device(counts, device))
-        pieces.extend((site.unit_max > site.layer.spec.floor).float() for site in sites)  # type: ignore[operator]
+        # Rises are never negative, so their sum across processes is above 0 where any process saw the unit fire.
+        pieces.extend(site.unit_rise for site in sites)  # type: ignore[misc]
         pieces.extend(site.histogram for site in sites if site.histogram is not None)
         return pieces  # type: ignore[return-value]
 
@@ -319,15 +327,15 @@ class ActivationCollector:
         sites = self._packed_sites
         totals = [take(len(_FIELDS)) for _ in sites]
         counts = [take(2) for _ in sites]
-        fired = [take(site.unit_max.numel()) for site in sites]  # type: ignore[union-attr]
+        rises = [take(site.unit_rise.numel()) for site in sites]  # type: ignore[union-attr]
         histograms = [
             None if site.histogram is None else histogram_from_packed(take(site.histogram.numel()), site.layer.spec)
             for site in sites
         ]
         calls_per_module = Counter(id(site.layer.module) for site in sites)
         stats = []
-        for site, row, (out_n, in_n), unit_fired, histogram in zip(
-            sites, totals, counts, fired, histograms, strict=True
+        for site, row, (out_n, in_n), unit_rises, histogram in zip(
+            sites, totals, counts, rises, histograms, strict=True
         ):
             if out_n == 0:  # the layer did not run in this window (on any process)
                 continue
@@ -335,7 +343,7 @@ class ActivationCollector:
             if calls_per_module[id(site.layer.module)] > 1:
                 name = f"{name}[{site.call}]"
             totals_by_field = dict(zip(_FIELDS, row, strict=True))
-            stats.append(_layer_stats(name, site, totals_by_field, out_n, in_n, unit_fired, histogram))
+            stats.append(_layer_stats(name, site, totals_by_field, out_n, in_n, unit_rises, histogram))
         return stats
 
 
@@ -345,12 +353,12 @@ def _layer_stats(
     totals: dict[str, float],
     out_n: float,
     in_n: float,
-    unit_fired: list[float],
+    unit_rises: list[float],
     histogram: Histogram | None,
 ) -> ActivationStats:
     out_mean, out_std = mean_and_std(totals["out_sum"], totals["out_sumsq"], out_n)
     in_mean, in_std = mean_and_std(totals["in_sum"], totals["in_sumsq"], in_n)
-    dead = [fired == 0 for fired in unit_fired]
+    dead = [not rise > 0 for rise in unit_rises]
     units = len(dead)
     return ActivationStats(
         name=name,

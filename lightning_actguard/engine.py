@@ -178,6 +178,10 @@ class Engine:
         """Track the training loss (``None``: what ``training_step`` returns) or a logged metric."""
         self.losses.setdefault(metric or "", LossTracker())
 
+    def wants_losses(self, batch: Hashable) -> bool:
+        """Whether the losses of ``batch`` are still to be added (a cheap check before collecting them)."""
+        return bool(self.losses) and batch != self._losses_added
+
     def add_losses(self, batch: Hashable, values: dict[str, Tensor]) -> None:
         """Add this batch's loss values, once per batch however many callers pass them."""
         if batch == self._losses_added:
@@ -216,8 +220,12 @@ class Engine:
 
     # ------------------------------------------------------------------ the training loop
 
-    def start_batch(self, batch: Hashable) -> None:
-        """Start counting training batch ``batch``; repeated calls for the same batch are ignored."""
+    def start_batch(self, batch: Hashable, step: int | None = None) -> None:
+        """Start counting training batch ``batch``; repeated calls for the same batch are ignored.
+
+        ``step`` is the number of optimizer steps taken before this batch; it places the window
+        among the histogram windows (which close at multiples of the histogram interval).
+        """
         if batch == self._batch:
             return
         self._batch = batch
@@ -230,8 +238,9 @@ class Engine:
         self._measured_batches += self._measuring
         self._batches += 1
         every = self.histogram_every_n_steps
-        closes_at = (self._windows + 1) * self.every_n_steps
-        self._histogram_window = every is not None and closes_at % every == 0
+        if every is not None:
+            windows_before = self._windows if step is None else step // self.every_n_steps
+            self._histogram_window = (windows_before + 1) * self.every_n_steps % every == 0
         if self.activations is not None:
             self.activations.start_batch(histograms=self._histogram_window, measure=self._measuring)
             if self.functional is None and self._measuring:
@@ -247,13 +256,22 @@ class Engine:
 
     def _count_interval(self, seconds: float) -> None:
         """File the time from the start of the batch that just ended to the start of this one."""
+        timing = self._timing
         if self._closed:  # what the consumers took on it is the window's reading, logging and judging
-            self._timing.window_end += self._charged
+            timing.window_end += self._charged
+        elif self._interrupted:
+            return
         elif self._batches == 1:  # the window's first batch
-            if self._windows and not self._interrupted:  # the run's very first one also sets things up
-                self._timing.add(seconds, self._charged, kind="opening")
-        elif not self._interrupted:
-            self._timing.add(seconds, self._charged, kind="measured" if self._measuring else "unmeasured")
+            if self._windows:  # the run's very first one also sets things up
+                timing.opening += seconds
+                timing.opening_count += 1
+        elif self._measuring:
+            timing.measured += seconds
+            timing.measured_count += 1
+        else:
+            timing.unmeasured += seconds
+            timing.unmeasured_count += 1
+            timing.unmeasured_charged += self._charged
 
     def _start_probe(self) -> None:
         """Look for functional activations during this batch's forward (once per run)."""
@@ -271,14 +289,21 @@ class Engine:
 
     def pause(self) -> None:
         """Stop counting forwards until :meth:`resume` (backward recomputations)."""
+        if not self._measuring:
+            return
         self._stop_probe()
         if self.activations is not None:
             self.activations.pause()
 
     def resume(self) -> None:
         """Count forwards again."""
-        if self.activations is not None:
+        if self._measuring and self.activations is not None:
             self.activations.resume()
+
+    @property
+    def measures_gradients(self) -> bool:
+        """Whether the current batch's optimizer steps are measured."""
+        return self._measuring and self.gradients is not None
 
     def before_optimizer_step(
         self, step: Hashable, optimizer: torch.optim.Optimizer, grad_scale: Tensor | None, scaler: bool
@@ -478,12 +503,6 @@ class _BatchTimes:
     opening: float = 0.0
     opening_count: float = 0.0
     window_end: float = 0.0
-
-    def add(self, seconds: float, charged: float, *, kind: str) -> None:
-        setattr(self, kind, getattr(self, kind) + seconds)
-        setattr(self, f"{kind}_count", getattr(self, f"{kind}_count") + 1)
-        if kind == "unmeasured":
-            self.unmeasured_charged += charged
 
     def values(self) -> list[float]:
         return list(astuple(self))

@@ -340,8 +340,8 @@ class GradientCollector:
 
     def reset(self) -> None:
         """Start a new window."""
-        for buffer in self._buffers.values():
-            buffer.zero_()
+        if self._buffers:
+            torch._foreach_zero_(list(self._buffers.values()))
         self._before_update.clear()
         self._measure_update_next = self.update_ratio
         self._histograms = None

@@ -128,7 +128,7 @@ class EngineCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._engine is not None:
-            self._engine.start_batch((trainer.current_epoch, batch_idx))
+            self._engine.start_batch((trainer.current_epoch, batch_idx), trainer.global_step)
 
     @override
     @_charged
@@ -147,7 +147,7 @@ class EngineCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        if self._engine is not None:
+        if self._engine is not None and self._engine.measures_gradients:
             self._engine.before_optimizer_step(
                 (trainer.current_epoch, trainer.global_step),
                 optimizer,
@@ -163,7 +163,7 @@ class EngineCallback(Callback):
         if self._engine is None:
             return
         batch_key = (trainer.current_epoch, batch_idx)
-        if self._engine.losses:
+        if self._engine.wants_losses(batch_key):
             self._engine.add_losses(batch_key, loss_values(trainer, outputs, self._engine.losses))
         snapshot = self._engine.end_batch(batch_key, trainer.global_step)
         self._report_functional(self._engine)
