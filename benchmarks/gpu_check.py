@@ -4,20 +4,19 @@
    with ``torch.cuda.set_sync_debug_mode("error")`` on every step that does not close a window,
    so that any host synchronisation on those steps raises with its traceback. The steps that
    close a window are left alone: they read the window back once, by design.
-2. Overhead: the benchmark of ``overhead.py`` on the GPU (plain run, every callback with their
-   defaults, every callback measuring every batch).
+2. Overhead: the benchmark of ``overhead.py`` on the GPU (plain against plain, every callback with
+   their defaults, every callback measuring every batch), without the speed correction, which
+   needs the CPU's synchronous backward pass.
 
-    python benchmarks/gpu_check.py                 # on a CUDA machine; prints two tables
-    python benchmarks/gpu_check.py --device cpu    # smoke test of the script itself (no sync check)
+    python benchmarks/gpu_check.py                 # on a CUDA machine; prints two tables (about 3 minutes)
+    python benchmarks/gpu_check.py --device cpu --pairs 2   # smoke test of the script itself (no sync check)
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -73,30 +72,25 @@ def sync_check(name: str, make_net: object, shape: tuple[int, ...], batch: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--pairs", type=int, default=6, help="timed plain/monitored pairs of blocks per run")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("No CUDA device: run with --device cpu for a smoke test.")
-    warnings.filterwarnings("ignore")
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    models = [
-        ("MLP 8x512, batch 256", lambda: overhead.mlp(8, 512), (512,), 256),
-        ("CNN 4 conv, batch 128", overhead.cnn, (3, 32, 32), 128),
+    overhead.quiet()
+    models = ["MLP 8x512, batch 256", "CNN 4 conv, batch 128"]
+    checks = [sync_check(name, *overhead.MODELS[name], args.device) for name in models]
+    configs = ["plain vs plain", "everything (defaults)", "everything, every batch (overhead_budget=None)"]
+    rows = [
+        overhead.measure(name, *overhead.MODELS[name], config, args.pairs, device=args.device)
+        for name in models
+        for config in configs
     ]
-    checks = [sync_check(name, make, shape, batch, args.device) for name, make, shape, batch in models]
-    configs = ["plain", "plain (again)", "everything (defaults)", "everything, every batch (overhead_budget=None)"]
-    rows = []
-    for name, make, shape, batch in models:
-        rows += overhead.measure(name, make, shape, batch, configs, args.rounds, args.steps, 60, args.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"\n{device_name}, torch {torch.__version__}, Lightning {pl.__version__}")
     print("| model | sync check |\n|---|---|")
     for name, verdict in checks:
         print(f"| {name} | {verdict} |")
-    print("\n| model | configuration | mean step (ms) | ratio to plain | per-round range |\n|---|---|---|---|---|")
-    for model, config, milliseconds, ratio, (low, high), *_ in rows:
-        print(f"| {model} | {config} | {milliseconds:.2f} | {ratio:.3f} | {low:.3f}-{high:.3f} |")
+    overhead.print_table(rows, f"Overhead on {device_name}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ from lightning_actguard.snapshot import WindowSnapshot
 __all__ = ["ActivationSettings", "Engine", "GradientSettings", "OverheadEstimate", "acquire", "engine_for"]
 
 #: Share of the training time the consumers may take in all before the engine measures fewer batches.
-DEFAULT_OVERHEAD_BUDGET = 0.02
+#: Half of 2%: the other half is left for what the engine's timers cannot see (Lightning calling
+#: the callbacks' hooks, about 2 microseconds per callback and hook).
+DEFAULT_OVERHEAD_BUDGET = 0.01
 _MAX_SAMPLE_EVERY = 1000
 
 _ENGINES: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary()

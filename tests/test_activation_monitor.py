@@ -12,7 +12,8 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
 from lightning_actguard import ActGuardWarning, ActivationMonitor, _compat
-from lightning_actguard.engine import engine_for
+from lightning_actguard.activations import find_activation_layers
+from lightning_actguard.engine import acquire, engine_for
 
 
 def read_events(log_dir):
@@ -273,3 +274,22 @@ def test_functional_activations_are_named_once_and_leave_no_hooks_behind(tmp_pat
     assert sum("applied functionally" in str(warning.message) for warning in w) == 1
     assert set(monitor.snapshot.activations) == {"features.1", "squash"}
     assert all(not module._forward_pre_hooks for module in model.modules())
+
+
+def test_histogram_windows_follow_the_optimizer_step_not_the_count_of_windows_seen():
+    # A run resumed at step 30 has seen no window yet; its first closes at 40, a histogram window.
+    model, consumer = nn.Sequential(nn.Linear(3, 4), nn.ReLU()), object()
+    engine = acquire(model, consumer, every_n_steps=10)
+    engine.use_activations(consumer, None, find_activation_layers(model))
+    engine.use_histograms(consumer, 20)
+    try:
+        closed = []
+        for step in (30, 39, 40, 49):
+            engine.start_batch(step, step=step)
+            model(torch.randn(8, 3))
+            snapshot = engine.end_batch(step, step + 1)
+            if snapshot is not None:
+                closed.append((snapshot.step, snapshot.activations["1"].histogram is not None))
+        assert closed == [(40, True), (50, False)]
+    finally:
+        engine.release(consumer)

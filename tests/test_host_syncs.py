@@ -13,6 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import DigitsMLP, digits_loaders, tiny_trainer
+from pytorch_lightning.loggers import TensorBoardLogger
 from torch.overrides import TorchFunctionMode
 
 import lightning_actguard
@@ -71,7 +72,7 @@ class StopRecording(pl.Callback):
         self.start.per_step.append((trainer.global_step, sum(self.start.mode.calls.values())))
 
 
-def read_backs_per_step(tmp_path, depth):
+def read_backs_per_step(tmp_path, depth, logger):
     start = StartRecording()
     callbacks = [
         start,
@@ -81,14 +82,18 @@ def read_backs_per_step(tmp_path, depth):
         LossPlateauGuard(patience=5, print_summary=False),
         StopRecording(start),
     ]
-    trainer = tiny_trainer(tmp_path, logger=False, callbacks=callbacks, max_steps=20, log_every_n_steps=5)
+    if logger:
+        logger = TensorBoardLogger(tmp_path / f"depth{depth}")
+    trainer = tiny_trainer(tmp_path, logger=logger, callbacks=callbacks, max_steps=20, log_every_n_steps=5)
     trainer.fit(DigitsMLP(depth=depth, lr=0.05), digits_loaders())
     return dict(start.per_step)
 
 
 @pytest.mark.filterwarnings("ignore::lightning_actguard.ActGuardWarning")
-def test_no_read_back_off_the_window_ends_and_a_bounded_number_on_them(tmp_path):
-    shallow, deep = read_backs_per_step(tmp_path, depth=3), read_backs_per_step(tmp_path, depth=12)
+@pytest.mark.parametrize("logger", [False, True], ids=["no logger", "tensorboard with histograms"])
+def test_no_read_back_off_the_window_ends_and_a_bounded_number_on_them(tmp_path, logger):
+    shallow = read_backs_per_step(tmp_path, depth=3, logger=logger)
+    deep = read_backs_per_step(tmp_path, depth=12, logger=logger)
 
     window_ends = {5, 10, 15, 20}
     assert {step: count for step, count in shallow.items() if step not in window_ends} == dict.fromkeys(

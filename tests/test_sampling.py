@@ -56,6 +56,7 @@ def test_what_every_batch_and_each_window_end_cost_comes_out_of_the_budget(engin
     # 1 ms of the callbacks' own time on every batch and 10 ms at the window's end leave
     # 0.02 * 50 * 0.099 - 0.05 - 0.01 = 0.039 s: 3 measured batches, every 17th.
     fresh = Engine(nn.Linear(1, 1), every_n_steps=50, reduce_sum=None, world_size=1)
+    fresh.overhead_budget = 0.02
     fresh._choose_sampling(timings(0.005, (0.55, 5), (4.5, 45), charged=0.045, window_end=0.01))
     assert fresh.estimate == OverheadEstimate(
         measured_batch=pytest.approx(0.01),

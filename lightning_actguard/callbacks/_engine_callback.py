@@ -48,7 +48,7 @@ class EngineCallback(Callback):
         every_n_steps: window length in optimizer steps; ``None`` uses the trainer's
             ``log_every_n_steps``.
         overhead_budget: share of the step time that the package's callbacks may take in all
-            (default 0.02); the engine measures fewer batches to stay within it. ``None``
+            (default 0.01); the engine measures fewer batches to stay within it. ``None``
             measures every batch.
     """
 

@@ -36,7 +36,7 @@ class ActivationMonitor(EngineCallback):
     per window (by default every ``trainer.log_every_n_steps`` optimizer steps) in a single
     transfer. Only training batches count: sanity checking, validation, test and prediction
     forwards, and forwards recomputed during backward, are not measured. Within the
-    ``overhead_budget`` (2% of the step time by default, for everything the package's callbacks
+    ``overhead_budget`` (1% of the step time by default, for everything the package's callbacks
     do) every batch is measured; when measuring costs more, every k-th batch is (the first of
     each window always), and ``act_measured_batches`` says how many were.
 
@@ -63,7 +63,7 @@ class ActivationMonitor(EngineCallback):
         every_n_steps: window length in optimizer steps; ``None`` uses the trainer's
             ``log_every_n_steps``.
         overhead_budget: share of the training step time that the package's callbacks may take
-            in all (default 0.02): measuring, their per-batch bookkeeping, and reading, logging
+            in all (default 0.01): measuring, their per-batch bookkeeping, and reading, logging
             and judging each window. After each window the engine measures only every k-th batch
             (always the window's first), with k chosen from its own measured cost to stay within
             the budget; the loss is still tracked on every batch. ``None`` measures every batch.

@@ -73,7 +73,7 @@ class GradientMonitor(EngineCallback):
     Args:
         every_n_steps: window length in optimizer steps; ``None`` uses ``log_every_n_steps``.
         overhead_budget: share of the training step time that the package's callbacks may take
-            in all (default 0.02). After each window the engine measures only every k-th batch
+            in all (default 0.01). After each window the engine measures only every k-th batch
             (always the window's first), with k chosen from its own measured cost to stay within
             the budget; the loss is still tracked on every batch. ``None`` measures every batch.
         vanishing_ratio: threshold on ``grad_depth_ratio`` (default 1e-3).
