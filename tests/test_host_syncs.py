@@ -7,6 +7,7 @@ package's own code, step by step, in a real training run with every callback att
 
 import os
 import sys
+import warnings
 from collections import Counter
 
 import pytest
@@ -105,3 +106,41 @@ def test_no_read_back_off_the_window_ends_and_a_bounded_number_on_them(tmp_path,
     # One copy of the whole window to the host and one conversion to Python numbers, whatever the depth.
     assert [shallow[step] for step in sorted(window_ends)] == [2, 2, 2, 2]
     assert [deep[step] for step in sorted(window_ends)] == [2, 2, 2, 2]
+
+
+class FailOnCudaSync(pl.Callback):
+    """Makes any CUDA host synchronisation raise, on every step but the first and the window ends."""
+
+    def __init__(self, every_n_steps):
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # The batch is already on the device here; the first step sets up CUDA's libraries.
+        closes_window = (trainer.global_step + 1) % self.every_n_steps == 0
+        torch.cuda.set_sync_debug_mode(0 if closes_window or trainer.global_step == 0 else "error")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.py runs it)")
+def test_no_cuda_sync_off_the_window_ends(tmp_path):
+    callbacks = [
+        ActivationMonitor(histogram_every_n_steps=10, print_summary=False),
+        GradientMonitor(histogram_every_n_steps=10, print_summary=False),
+        DeadReLUGuard(print_summary=False),
+        LossPlateauGuard(patience=5, print_summary=False),
+        FailOnCudaSync(every_n_steps=5),
+    ]
+    trainer = tiny_trainer(
+        tmp_path, logger=TensorBoardLogger(tmp_path), callbacks=callbacks, accelerator="cuda", max_steps=20
+    )
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(DigitsMLP(depth=12, lr=0.05), digits_loaders())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert trainer.global_step == 20
+    # The package turns a failure inside its hooks into a warning, so a sync error would surface here.
+    assert [str(w.message) for w in caught if "failed" in str(w.message) or "synchroniz" in str(w.message)] == []
