@@ -3,7 +3,10 @@
 The kernels are chosen for cost: comparisons that materialise boolean tensors are several
 times slower than a sum on a CPU, so counts are taken from ``sign`` with a sum and a dot
 product (for ``s = sign(v)``: ``sum(s)`` is #positive - #negative and ``dot(s, s)`` is
-#positive + #negative). Nothing here reads a value back to the host.
+#positive + #negative). These two raw sums are what accumulates, across batches and processes
+alike; :func:`output_counts` turns them into counts on the host once per window, which saves
+the device a handful of scalar kernels per layer and batch. Nothing here reads a value back to
+the host.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from torch import Tensor
 
 from lightning_actguard.activations import ActivationSpec
 
-#: Order of an output's totals in :func:`output_totals`.
-OUTPUT_FIELDS = ("out_sum", "out_sumsq", "off", "saturated", "nonfinite")
+#: Order of an output's totals in :func:`output_totals`; the last two only for bounded activations.
+OUTPUT_FIELDS = ("out_sum", "out_sumsq", "off_balance", "off_nonzero", "nonfinite", "sat_balance", "sat_nonzero")
 #: Order of an input's totals in :func:`input_totals`.
 INPUT_FIELDS = ("in_sum", "in_sumsq")
 
@@ -29,55 +32,66 @@ def as_float(tensor: Tensor) -> Tensor:
     return tensor.reshape(-1)
 
 
-def _sign_counts(values: Tensor) -> tuple[Tensor, Tensor]:
-    """Return (#positive, #negative) of a flat tensor."""
-    signs = torch.sign(values)
-    balance = signs.sum()
-    nonzero = torch.dot(signs, signs)
-    return (nonzero + balance) / 2, (nonzero - balance) / 2
-
-
-def count_off(flat: Tensor, spec: ActivationSpec) -> Tensor:
-    """Count outputs that carry no signal: at or below a hard floor, or exactly zero."""
-    if spec.hard_floor:
-        above, _ = _sign_counts(flat - spec.floor if spec.floor else flat)
-        return flat.numel() - above
-    above, below = _sign_counts(flat)
-    return flat.numel() - above - below
-
-
-def count_saturated(flat: Tensor, bounds: tuple[float, float], eps: float) -> Tensor:
-    """Count outputs within ``eps`` of either bound."""
-    low, high = bounds
-    middle, half_width = (low + high) / 2, (high - low) / 2
-    _, inside = _sign_counts((flat - middle).abs_() - (half_width - eps))
-    return flat.numel() - inside
-
-
-def count_nonfinite(flat: Tensor) -> Tensor:
-    """Count NaN and infinite values (``x * 0`` is NaN exactly there)."""
-    return (flat * 0).nan_to_num_(nan=1.0).sum()
+def output_field_count(spec: ActivationSpec) -> int:
+    """How many of :data:`OUTPUT_FIELDS` :func:`output_totals` returns for ``spec``."""
+    return len(OUTPUT_FIELDS) if spec.bounds is not None else len(OUTPUT_FIELDS) - 2
 
 
 def output_totals(output: Tensor, spec: ActivationSpec, saturation_eps: float) -> Tensor:
     """Totals of one activation output, in the order of :data:`OUTPUT_FIELDS`.
 
+    ``off_*`` are the sign sums of the output's distance above the floor (of the output itself
+    for activations without a hard floor), ``sat_*`` those of its distance inside the
+    saturation band; :func:`output_counts` turns them into counts.
+
     Example:
         >>> from lightning_actguard.activations import ActivationSpec
         >>> spec = ActivationSpec("relu", floor=0.0, hard_floor=True)
         >>> output_totals(torch.tensor([0.0, 0.0, 1.0, 3.0]), spec, 0.01).tolist()
-        [4.0, 10.0, 2.0, 0.0, 0.0]
+        [4.0, 10.0, 2.0, 2.0, 0.0]
     """
     flat = as_float(output)
-    saturated = count_saturated(flat, spec.bounds, saturation_eps) if spec.bounds is not None else flat.new_zeros(())
-    totals = (flat.sum(), torch.dot(flat, flat), count_off(flat, spec), saturated, count_nonfinite(flat))
-    return torch.stack(totals).float()
+    above_floor = flat - spec.floor if spec.hard_floor and spec.floor else flat
+    signs = torch.sign(above_floor)
+    # x * 0 is NaN exactly where x is NaN or infinite.
+    nonfinite = (flat * 0).nan_to_num_(nan=1.0).sum()
+    totals = [flat.sum(), torch.dot(flat, flat), signs.sum(), torch.dot(signs, signs), nonfinite]
+    if spec.bounds is not None:
+        low, high = spec.bounds
+        # Negative inside the band, positive within eps of a bound.
+        band = (flat - (low + high) / 2).abs_().sub_((high - low) / 2 - saturation_eps)
+        band_signs = torch.sign(band)
+        totals += [band_signs.sum(), torch.dot(band_signs, band_signs)]
+    return torch.stack(totals)
+
+
+def output_counts(totals: dict[str, float], spec: ActivationSpec, elements: float) -> tuple[float, float | None]:
+    """(outputs that carry no signal, saturated outputs) from summed :func:`output_totals`.
+
+    An output carries no signal at or below a hard floor, or when it is exactly zero; it is
+    saturated within ``saturation_eps`` of either bound (``None`` for unbounded activations).
+
+    Example:
+        >>> from lightning_actguard.activations import ActivationSpec
+        >>> spec = ActivationSpec("tanh", bounds=(-1.0, 1.0))
+        >>> values = torch.tensor([0.0, 0.5, -0.995, 0.999])
+        >>> totals = dict(zip(OUTPUT_FIELDS, output_totals(values, spec, 0.01).tolist()))
+        >>> output_counts(totals, spec, 4)
+        (1.0, 2.0)
+    """
+    balance, nonzero = totals["off_balance"], totals["off_nonzero"]
+    above = (nonzero + balance) / 2
+    off = elements - above if spec.hard_floor else elements - nonzero
+    if spec.bounds is None:
+        return off, None
+    inside = (totals["sat_nonzero"] - totals["sat_balance"]) / 2
+    return off, elements - inside
 
 
 def input_totals(inputs: Tensor) -> Tensor:
     """Sum and sum of squares of what flows into an activation."""
     flat = as_float(inputs)
-    return torch.stack((flat.sum(), torch.dot(flat, flat))).float()
+    return torch.stack((flat.sum(), torch.dot(flat, flat)))
 
 
 def unit_reduce_dims(ndim: int, unit_dim: int | str) -> tuple[int, ...]:

@@ -26,17 +26,16 @@ from lightning_actguard.snapshot import ActivationStats, Histogram, histogram_fr
 
 __all__ = ["ActivationCollector"]
 
-_FIELDS = (*_stats.OUTPUT_FIELDS, *_stats.INPUT_FIELDS)
-_OUT = slice(0, len(_stats.OUTPUT_FIELDS))
-_IN = slice(len(_stats.OUTPUT_FIELDS), len(_FIELDS))
+_FIELDS = (*_stats.INPUT_FIELDS, *_stats.OUTPUT_FIELDS)
+_IN = slice(0, len(_stats.INPUT_FIELDS))
 
 
 class _Site:
     """Running totals of one call position of one activation module."""
 
     def __init__(self, layer: ActivationLayer, call: int) -> None:
-        self.layer = layer
         self.call = call
+        self.use_layer(layer)
         self.totals: Tensor | None = None
         #: Per unit, how far the largest output of the window rose above the floor (0: never).
         self.unit_rise: Tensor | None = None
@@ -44,7 +43,13 @@ class _Site:
         self.out_elements = 0
         self.in_elements = 0
         self.histogram: Tensor | None = None
+
+    def use_layer(self, layer: ActivationLayer) -> None:
+        """Measure ``layer`` from now on (also when a swapped activation takes the place of another)."""
+        self.layer = layer
         self.edges: Tensor | None = None
+        #: Where the layer's output totals go in :attr:`totals` (unbounded activations have no saturation).
+        self.out_slice = slice(_IN.stop, _IN.stop + _stats.output_field_count(layer.spec))
 
     def buffers(self, like: Tensor) -> Tensor:
         if self.totals is None:
@@ -164,7 +169,7 @@ class ActivationCollector:
         for (module, call), site in list(self._sites.items()):
             if module == id(old):
                 del self._sites[(module, call)]
-                site.layer, site.edges = moved, None
+                site.use_layer(moved)
                 self._sites[(id(new), call)] = site
 
     def detach(self) -> None:
@@ -248,7 +253,7 @@ class ActivationCollector:
 
     def _measure_output(self, site: _Site, output: Tensor) -> None:
         spec = site.layer.spec
-        site.buffers(output)[_OUT].add_(_stats.output_totals(output, spec, self.saturation_eps))
+        site.buffers(output)[site.out_slice].add_(_stats.output_totals(output, spec, self.saturation_eps))
         site.out_elements += output.numel()
         dims = site.reduce_dims.get(output.dim())
         if dims is None:
@@ -360,13 +365,14 @@ def _layer_stats(
     in_mean, in_std = mean_and_std(totals["in_sum"], totals["in_sumsq"], in_n)
     dead = [not rise > 0 for rise in unit_rises]
     units = len(dead)
+    off, saturated = _stats.output_counts(totals, site.layer.spec, out_n)
     return ActivationStats(
         name=name,
         kind=site.layer.spec.kind,
         units=units,
         dead_frac=sum(dead) / units if units else 0.0,
-        zero_frac=totals["off"] / out_n if out_n else 0.0,
-        saturated_frac=totals["saturated"] / out_n if out_n and site.layer.spec.bounds is not None else None,
+        zero_frac=off / out_n if out_n else 0.0,
+        saturated_frac=saturated / out_n if out_n and saturated is not None else None,
         out_mean=out_mean,
         out_std=out_std,
         in_mean=in_mean,
