@@ -12,8 +12,8 @@ blocks over that of the plain ones; the interval is two standard errors of the m
 per-pair ratios. "plain vs plain" alternates two identical kinds of block: it shows what the
 method cannot tell apart.
 
-    python benchmarks/overhead.py            # the table in the README (about 30 minutes here)
-    python benchmarks/overhead.py --quick    # a short smoke run
+    python benchmarks/overhead.py --pairs 16 --cnn-pairs 8   # the table in the README (about 35 minutes here)
+    python benchmarks/overhead.py --quick                    # a short smoke run
 
 The gradient monitor's optimizer hook stays installed in the plain blocks (a flag test per
 step, about a microsecond); everything else the callbacks do is absent from them.
