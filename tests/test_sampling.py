@@ -162,3 +162,20 @@ def test_the_estimate_is_logged_and_a_budget_too_small_for_one_batch_is_said_onc
     assert len(said) == 1
     assert "more than overhead_budget=1e-06" in said[0]
     assert "measure one batch per window" in said[0]
+
+
+def test_over_budget_is_said_once_and_only_with_every_figure_timed(engine, monkeypatch):
+    said = []
+    monkeypatch.setattr(_engine_callback, "rank_zero_info", said.append)
+    report = _engine_callback.EngineCallback._report_over_budget
+    engine.over_budget = True
+    # A first window measured in full has timed neither an unmeasured batch nor a window's end.
+    engine.estimate = OverheadEstimate(measured_batch=0.004, every_batch=0.0, window_end=0.0, plain_batch=0.005)
+    report(engine)
+    assert said == []
+    engine.estimate = OverheadEstimate(measured_batch=0.004, every_batch=0.0001, window_end=0.002, plain_batch=0.005)
+    report(engine)
+    report(engine)
+    assert len(said) == 1
+    figures = "a batch takes 5 ms, a measured batch 4 ms more, every batch 0.1 ms more, and closing a window 2 ms"
+    assert figures in said[0]

@@ -198,6 +198,8 @@ class EngineCallback(Callback):
         estimate = engine.estimate
         if not engine.over_budget or engine.over_budget_reported or estimate is None:
             return
+        if not (estimate.every_batch and estimate.window_end):  # the first window times neither
+            return
         engine.over_budget_reported = True
         rank_zero_info(
             f"The lightning-actguard callbacks cost more than overhead_budget={engine.overhead_budget:g} of the "
