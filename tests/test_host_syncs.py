@@ -108,16 +108,23 @@ def test_no_read_back_off_the_window_ends_and_a_bounded_number_on_them(tmp_path,
     assert [deep[step] for step in sorted(window_ends)] == [2, 2, 2, 2]
 
 
-class FailOnCudaSync(pl.Callback):
-    """Makes any CUDA host synchronisation raise, on every step but the first and the window ends."""
+class StartFailingOnCudaSync(pl.Callback):
+    """First in the callback list: from its hook on, a CUDA host synchronisation raises.
+
+    Not on the first step (CUDA's libraries set themselves up) nor on the steps that close a
+    window (they read it back by design). The batch is already on the device here.
+    """
 
     def __init__(self, every_n_steps):
         self.every_n_steps = every_n_steps
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        # The batch is already on the device here; the first step sets up CUDA's libraries.
         closes_window = (trainer.global_step + 1) % self.every_n_steps == 0
         torch.cuda.set_sync_debug_mode(0 if closes_window or trainer.global_step == 0 else "error")
+
+
+class StopFailingOnCudaSync(pl.Callback):
+    """Last in the callback list: its hooks run after the package's."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         torch.cuda.set_sync_debug_mode(0)
@@ -126,11 +133,12 @@ class FailOnCudaSync(pl.Callback):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.py runs it)")
 def test_no_cuda_sync_off_the_window_ends(tmp_path):
     callbacks = [
+        StartFailingOnCudaSync(every_n_steps=5),
         ActivationMonitor(histogram_every_n_steps=10, print_summary=False),
         GradientMonitor(histogram_every_n_steps=10, print_summary=False),
         DeadReLUGuard(print_summary=False),
         LossPlateauGuard(patience=5, print_summary=False),
-        FailOnCudaSync(every_n_steps=5),
+        StopFailingOnCudaSync(),
     ]
     trainer = tiny_trainer(
         tmp_path, logger=TensorBoardLogger(tmp_path), callbacks=callbacks, accelerator="cuda", max_steps=20
