@@ -12,8 +12,8 @@ blocks over that of the plain ones; the interval is two standard errors of the m
 per-pair ratios. "plain vs plain" alternates two identical kinds of block: it shows what the
 method cannot tell apart.
 
-    python benchmarks/overhead.py --pairs 16 --cnn-pairs 8   # the table in the README (about 35 minutes here)
-    python benchmarks/overhead.py --quick                    # a short smoke run
+    python benchmarks/overhead.py           # the table in the README (about 35 minutes here)
+    python benchmarks/overhead.py --quick   # a short smoke run
 
 The gradient monitor's optimizer hook stays installed in the plain blocks (a flag test per
 step, about a microsecond); everything else the callbacks do is absent from them.
@@ -256,12 +256,14 @@ def measure(
     if device == "cpu":
         # The backward pass is the same in both kinds of block (the callbacks do nothing during
         # it), so its time in a block says how fast the machine ran then.
-        corrected = Ratio.of(
+        # The ratio of totals, scaled by the ratio of backward totals; its spread, from the
+        # per-block times each divided by its own backward time.
+        speed = sum(alternate.plain_backward) / sum(alternate.monitored_backward)
+        per_block = Ratio.of(
             [t / b for t, b in zip(monitored, alternate.monitored_backward, strict=True)],
             [t / b for t, b in zip(plain, alternate.plain_backward, strict=True)],
         )
-        speed = sum(alternate.plain_backward) / sum(alternate.monitored_backward)
-        corrected = Ratio(sum(monitored) / sum(plain) * speed, corrected.spread)
+        corrected = Ratio(sum(monitored) / sum(plain) * speed, per_block.spread)
     return Row(
         model=name,
         config=config,
@@ -321,8 +323,8 @@ def quiet() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=12, help="timed plain/monitored pairs of blocks per run")
-    parser.add_argument("--cnn-pairs", type=int, default=6, help="the same for the CNN, whose steps are slower")
+    parser.add_argument("--pairs", type=int, default=16, help="timed plain/monitored pairs of blocks per run")
+    parser.add_argument("--cnn-pairs", type=int, default=8, help="the same for the CNN, whose steps are slower")
     parser.add_argument("--models", nargs="*", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--quick", action="store_true", help="2 pairs per run, for a smoke test")
     args = parser.parse_args()
